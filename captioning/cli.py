@@ -1,0 +1,256 @@
+"""The `captioning` command: parses arguments, builds config objects, dispatches. No logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter off the console
+
+from captioning.config import FetchConfig, ImageConfig, ModelConfig, TrainConfig  # noqa: E402
+from captioning.errors import CaptioningError  # noqa: E402
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def _manifest_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", default="auto", help="csv, tsv, cc-tsv, jsonl or parquet (default: by extension)")
+    parser.add_argument("--image-column", default="image")
+    parser.add_argument("--caption-column", default="caption")
+    parser.add_argument("--id-column", default=None)
+
+
+def _manifest_spec(args: argparse.Namespace):  # noqa: ANN202
+    from captioning.manifest import ManifestSpec  # noqa: PLC0415
+
+    return ManifestSpec(args.format, args.image_column, args.caption_column, args.id_column)
+
+
+def _generation_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--temperature", type=float, default=None, help="sample with this temperature (> 0)")
+    parser.add_argument("--beam-size", type=int, default=None, help="beam search with this many beams")
+    parser.add_argument("--top-k", type=int, default=1, help="with --beam-size: also print the k best captions")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _generation_config(args: argparse.Namespace, attention: bool):  # noqa: ANN202
+    from captioning.generate import GenerationConfig  # noqa: PLC0415
+
+    if args.temperature is not None and args.beam_size is not None:
+        raise CaptioningError("--temperature/--beam-size", "choose sampling or beam search, not both")
+    try:
+        if args.beam_size is not None:
+            return GenerationConfig("beam", beam_size=args.beam_size, top_k=args.top_k, attention=attention)
+        if args.temperature is not None:
+            return GenerationConfig("sample", temperature=args.temperature, attention=attention, seed=args.seed)
+        return GenerationConfig("greedy", attention=attention)
+    except ValueError as err:
+        raise CaptioningError("generation options", str(err)) from None
+
+
+def _network_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-private-networks", action="store_true",
+                        help="let URLs reach private, loopback and link-local addresses (off by default)")
+    parser.add_argument("--timeout", type=float, default=15.0, help="read timeout per request, seconds")
+
+
+def _fetch_config(args: argparse.Namespace) -> FetchConfig:
+    return FetchConfig(read_timeout=args.timeout, allow_private_networks=args.allow_private_networks)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """All subcommands and their options."""
+    parser = argparse.ArgumentParser(prog="captioning", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    data = commands.add_parser("data", help="generate or download datasets").add_subparsers(dest="dataset", required=True)
+    synthetic = data.add_parser("synthetic", help="deterministic synthetic captioned scenes")
+    synthetic.add_argument("--out", required=True)
+    synthetic.add_argument("--train", type=int, default=2000)
+    synthetic.add_argument("--val", type=int, default=200)
+    synthetic.add_argument("--test", type=int, default=0)
+    synthetic.add_argument("--seed", type=int, default=0)
+    flickr = data.add_parser("flickr8k", help="download Flickr8k and write train/val/test manifests")
+    flickr.add_argument("--out", required=True)
+    flickr.add_argument("--base-url", default=None, help="mirror of the Flickr8k zips")
+    _network_args(flickr)
+    cc = data.add_parser("conceptual-captions", help="download Conceptual Captions images from the TSV")
+    cc.add_argument("--out", required=True)
+    cc.add_argument("--split", choices=["train", "validation"], default="validation")
+    cc.add_argument("--limit", type=int, default=None, help="only the first N rows")
+    cc.add_argument("--workers", type=int, default=32)
+    cc.add_argument("--base-url", default=None, help="mirror of the gcc-data bucket")
+    _network_args(cc)
+
+    train = commands.add_parser("train", help="train a captioner into a model directory")
+    train.add_argument("--train", required=True, help="training manifest")
+    train.add_argument("--val", required=True, help="validation manifest")
+    train.add_argument("--out", required=True, help="model directory (resumes if it holds a checkpoint)")
+    _manifest_args(train)
+    defaults, model_defaults = TrainConfig(), ModelConfig()
+    train.add_argument("--weights", default=defaults.weights, help="backbone weights: imagenet, none, or a file")
+    train.add_argument("--backbone", default=model_defaults.backbone)
+    train.add_argument("--epochs", type=int, default=defaults.epochs)
+    train.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    train.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    train.add_argument("--patience", type=int, default=defaults.patience)
+    train.add_argument("--steps-per-epoch", type=int, default=None)
+    train.add_argument("--seed", type=int, default=defaults.seed)
+    train.add_argument("--cache-dir", default=None, help="feature cache (default: <out>/feature-cache)")
+    train.add_argument("--vocab-size", type=int, default=model_defaults.vocab_size)
+    train.add_argument("--max-length", type=int, default=model_defaults.max_length)
+    train.add_argument("--d-model", type=int, default=model_defaults.d_model)
+    train.add_argument("--layers", type=int, default=model_defaults.num_layers)
+    train.add_argument("--heads", type=int, default=model_defaults.num_heads)
+    train.add_argument("--dropout", type=float, default=model_defaults.dropout)
+    train.add_argument("--no-progress", action="store_true")
+    _network_args(train)
+
+    caption = commands.add_parser("caption", help="caption images or URLs with a model directory")
+    caption.add_argument("model")
+    caption.add_argument("sources", nargs="+", metavar="IMAGE_OR_URL")
+    caption.add_argument("--attention-plot", default=None, metavar="OUT.png",
+                         help="word-by-word attention grid (OUT-N.png per image when several)")
+    caption.add_argument("--json", action="store_true", help="one JSON object per line")
+    _generation_args(caption)
+    _network_args(caption)
+
+    evaluate = commands.add_parser("evaluate", help="BLEU, CIDEr and METEOR on a captioned manifest")
+    evaluate.add_argument("model")
+    evaluate.add_argument("manifest")
+    evaluate.add_argument("--out", required=True, help="report JSON")
+    evaluate.add_argument("--no-meteor", action="store_true", help="skip METEOR (it needs Java)")
+    _manifest_args(evaluate)
+    _generation_args(evaluate)
+    _network_args(evaluate)
+
+    demo = commands.add_parser("demo", help="synthetic data -> train -> caption with attention -> evaluate")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--train", type=int, default=1500)
+    demo.add_argument("--val", type=int, default=150)
+    demo.add_argument("--test", type=int, default=150)
+    demo.add_argument("--epochs", type=int, default=12)
+    demo.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: one clear line per error, non-zero exit when anything failed."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except CaptioningError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    """captioning data synthetic|flickr8k|conceptual-captions."""
+    if args.dataset == "synthetic":
+        from captioning.datasets import synthetic  # noqa: PLC0415
+
+        splits = {"train": args.train, "val": args.val, **({"test": args.test} if args.test else {})}
+        for split, path in synthetic.generate(args.out, splits, seed=args.seed).items():
+            _log(f"{split}: {path}")
+    elif args.dataset == "flickr8k":
+        from captioning.datasets import flickr8k  # noqa: PLC0415
+
+        flickr8k.download(args.out, args.base_url or flickr8k.DEFAULT_BASE_URL, _fetch_config(args), log=_log)
+    else:
+        from captioning.datasets import conceptual_captions as cc  # noqa: PLC0415
+
+        cc.download(args.out, args.split, args.limit, args.base_url or cc.DEFAULT_BASE_URL, _fetch_config(args),
+                    workers=args.workers, log=_log)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """captioning train."""
+    from captioning.manifest import read_manifest  # noqa: PLC0415
+    from captioning.train import train  # noqa: PLC0415
+
+    model = ModelConfig(vocab_size=args.vocab_size, max_length=args.max_length, d_model=args.d_model,
+                        num_layers=args.layers, num_heads=args.heads, dropout=args.dropout, backbone=args.backbone)
+    if args.d_model % args.heads:
+        raise CaptioningError("--d-model", f"{args.d_model} is not divisible by --heads {args.heads}")
+    config = TrainConfig(model=model, weights=args.weights, epochs=args.epochs, batch_size=args.batch_size,
+                         learning_rate=args.learning_rate, patience=args.patience, seed=args.seed,
+                         cache_dir=args.cache_dir, steps_per_epoch=args.steps_per_epoch, fetch=_fetch_config(args))
+    spec = _manifest_spec(args)
+    result = train(read_manifest(args.train, spec), read_manifest(args.val, spec), args.out, config,
+                   progress=not args.no_progress, log=_log)
+    _log(f"model {result.version} written to {result.bundle} (best epoch {result.best_epoch})")
+    return 0
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    """captioning caption: one line per source, errors on stderr."""
+    from captioning.bundle import load_bundle  # noqa: PLC0415
+    from captioning.fetch import Fetcher  # noqa: PLC0415
+    from captioning.inference import caption_sources  # noqa: PLC0415
+    from captioning.plots import plot_attention  # noqa: PLC0415
+
+    bundle = load_bundle(args.model)
+    plot = args.attention_plot
+    generation = _generation_config(args, attention=bool(plot))
+    results = caption_sources(bundle, args.sources, generation, ImageConfig(), Fetcher(_fetch_config(args)),
+                              args.batch_size, keep_images=bool(plot))
+    failed = 0
+    for index, result in enumerate(results):
+        if result.error:
+            failed += 1
+            print(f"error: {result.error}", file=sys.stderr)
+            continue
+        if args.json:
+            _log(json.dumps({"source": result.source, "caption": result.caption, "score": result.score,
+                             "alternatives": result.alternatives}))
+        else:
+            _log(f"{result.source}\t{result.caption}")
+            for alternative, score in (result.alternatives or [])[1:]:
+                _log(f"  alt ({score:.3f})\t{alternative}")
+        if plot:
+            out = Path(plot) if len(args.sources) == 1 else Path(plot).with_name(f"{Path(plot).stem}-{index}.png")
+            plot_attention(result.image, result.caption.split(), result.attention, out, result.caption)
+    return 1 if failed else 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """captioning evaluate: writes the report, prints the scores."""
+    from captioning.bundle import load_bundle  # noqa: PLC0415
+    from captioning.evaluate import evaluate, format_scores  # noqa: PLC0415
+    from captioning.fetch import Fetcher  # noqa: PLC0415
+    from captioning.manifest import read_manifest  # noqa: PLC0415
+
+    bundle = load_bundle(args.model)
+    manifest = read_manifest(args.manifest, _manifest_spec(args))
+    report = evaluate(bundle, manifest, _generation_config(args, attention=False), ImageConfig(),
+                      Fetcher(_fetch_config(args)), args.batch_size, meteor=not args.no_meteor, log=_log)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    _log(format_scores(report["scores"]))
+    return 1 if report["failures"] else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job on embedded defaults until the bulk job exists."""
+    from captioning.demo import run_demo  # noqa: PLC0415
+
+    run_demo(Path(args.out), args.train, args.val, args.test, args.epochs, args.seed, log=_log)
+    return 0
+
+
+COMMANDS = {"data": cmd_data, "train": cmd_train, "caption": cmd_caption, "evaluate": cmd_evaluate, "demo": cmd_demo}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Typed configuration objects, built once (by the CLI or a job) and passed down."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the captioner; stored in every model bundle."""
+
+    vocab_size: int = 5000
+    max_length: int = 32  # tokens per caption including [START] and [END]
+    d_model: int = 256
+    num_layers: int = 2
+    num_heads: int = 2
+    ff_multiplier: int = 2
+    dropout: float = 0.3
+    backbone: str = "mobilenet_v3_small"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for JSON."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        """Inverse of to_dict; unknown keys are an error so a bad bundle is caught early."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    """How URLs are fetched: timeouts, retries, limits and the private-address guard."""
+
+    connect_timeout: float = 5.0
+    read_timeout: float = 15.0
+    retries: int = 3
+    backoff: float = 0.5  # seconds, doubled per retry
+    max_bytes: int = 32 * 1024 * 1024
+    max_redirects: int = 5
+    user_agent: str = "captioning/0.1 (+https://github.com/captioning/captioning; batch image captioner)"
+    allow_private_networks: bool = False
+    respect_robots_header: bool = True
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """How bytes become model input."""
+
+    size: int = 224
+    max_pixels: int = 64_000_000  # decompression-bomb limit, checked from the header before decoding
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything `captioning train` needs besides the manifests."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    weights: str = "imagenet"  # "imagenet", "none" (seeded random backbone) or a local weights file
+    epochs: int = 30
+    batch_size: int = 64
+    learning_rate: float = 1e-4
+    patience: int = 5
+    seed: int = 0
+    shuffle_buffer: int = 4096
+    cache_dir: str | None = None  # feature cache; default <out>/feature-cache
+    image: ImageConfig = field(default_factory=ImageConfig)
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+    steps_per_epoch: int | None = None  # cap, for quick runs
+    sample_every_epoch: bool = True

@@ -1,0 +1,1 @@
+"""Datasets: each writes images plus a manifest that captioning.manifest reads."""

@@ -1,0 +1,93 @@
+"""Conceptual Captions: the caption<TAB>url TSV, images fetched in parallel, resumable, failures recorded."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+from tqdm import tqdm
+
+from captioning.config import FetchConfig, ImageConfig
+from captioning.errors import CaptioningError
+from captioning.fetch import Fetcher
+from captioning.images import open_image
+from captioning.manifest import ManifestSpec, read_manifest
+
+DEFAULT_BASE_URL = "https://storage.googleapis.com/gcc-data"
+SPLITS = {"train": "Train/GCC-training.tsv", "validation": "Validation/GCC-1.1.0-Validation.tsv"}
+EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tiff"}
+MAX_TSV_BYTES = 2 * 1024**3
+
+
+def image_name(url: str) -> str:
+    """File stem for a URL: the same URL always lands in the same file (what makes reruns resumable)."""
+    return hashlib.sha1(url.encode("utf-8")).hexdigest()[:20]
+
+
+def download(
+    out: str | Path, split: str = "validation", limit: int | None = None, base_url: str = DEFAULT_BASE_URL,
+    fetch: FetchConfig | None = None, image: ImageConfig | None = None, workers: int = 32,
+    log: Callable[[str], None] = print,
+) -> tuple[Path, Path]:
+    """Write <split>.jsonl (one row per image fetched) and <split>-failures.jsonl (url, reason per failure)."""
+    if split not in SPLITS:
+        raise CaptioningError(split, f"unknown split; choose one of {', '.join(SPLITS)}")
+    out = Path(out)
+    folder = out / "images" / split
+    folder.mkdir(parents=True, exist_ok=True)
+    fetcher = Fetcher(fetch or FetchConfig())
+    image = image or ImageConfig()
+    tsv = out / f"{split}.tsv" if limit is None else out / f"{split}-first{limit}.tsv"
+    if not tsv.exists():
+        url = f"{base_url.rstrip('/')}/{SPLITS[split]}"
+        log(f"downloading {url}" + (f" (first {limit} rows)" if limit else ""))
+        fetcher.download(url, tsv, MAX_TSV_BYTES, max_lines=limit)
+    manifest = read_manifest(tsv, ManifestSpec(format="cc-tsv"))
+    rows = manifest.examples[:limit] if limit else manifest.examples
+
+    def fetch_one(row) -> dict:  # noqa: ANN001
+        stem = image_name(row.image)
+        for ext in EXTENSIONS.values():
+            if (folder / f"{stem}{ext}").exists():
+                return {"image": f"images/{split}/{stem}{ext}", "status": "ok", "cached": True}
+        try:
+            data = fetcher.get(row.image).data
+            decoded = open_image(data, row.image, image)
+        except CaptioningError as err:
+            return {"status": err.reason, "error": err.message}
+        ext = EXTENSIONS.get(decoded.format or "", ".img")
+        target = folder / f"{stem}{ext}"
+        part = target.with_name(target.name + ".part")
+        part.write_bytes(data)
+        part.replace(target)
+        return {"image": f"images/{split}/{stem}{ext}", "status": "ok", "cached": False}
+
+    manifest_path, failures_path = out / f"{split}.jsonl", out / f"{split}-failures.jsonl"
+    counts = {"ok": 0, "failed": 0, "cached": 0}
+    with open(manifest_path, "w") as good, open(failures_path, "w") as bad, ThreadPoolExecutor(workers) as pool:
+        for err in manifest.errors:
+            bad.write(json.dumps({"row": err.source, "status": err.reason, "error": err.message}) + "\n")
+            counts["failed"] += 1
+        bar = tqdm(total=len(rows), desc=f"conceptual captions {split}", unit="img")
+        chunk = workers * 16  # bounded in-flight work: the TSV may hold millions of rows
+        for start in range(0, len(rows), chunk):
+            batch = rows[start : start + chunk]
+            for row, result in zip(batch, pool.map(fetch_one, batch)):
+                caption = row.captions[0] if row.captions else ""
+                if result["status"] == "ok":
+                    good.write(json.dumps({"image": result["image"], "caption": caption, "url": row.image}) + "\n")
+                    counts["ok"] += 1
+                    counts["cached"] += result["cached"]
+                else:
+                    bad.write(json.dumps({"row": row.row, "url": row.image, "caption": caption,
+                                          "status": result["status"], "error": result["error"]}) + "\n")
+                    counts["failed"] += 1
+                bar.update(1)
+                bar.set_postfix(ok=counts["ok"], failed=counts["failed"])
+        bar.close()
+    log(f"{split}: {counts['ok']} images ({counts['cached']} already there), {counts['failed']} failures "
+        f"listed in {failures_path}")
+    return manifest_path, failures_path

@@ -1,0 +1,181 @@
+"""Manifests (CSV, TSV, Conceptual Captions TSV, JSONL, Parquet) to examples: one image, many captions."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+from captioning.errors import ManifestError
+from captioning.fetch import is_url
+
+FORMATS = ("csv", "tsv", "cc-tsv", "jsonl", "parquet")
+
+
+@dataclass(frozen=True)
+class ManifestSpec:
+    """Which columns hold what; format "auto" goes by file extension."""
+
+    format: str = "auto"
+    image_column: str = "image"
+    caption_column: str = "caption"
+    id_column: str | None = None
+
+
+@dataclass(frozen=True)
+class Example:
+    """One image and all its reference captions; row is the first manifest row it came from."""
+
+    id: str
+    image: str
+    captions: tuple[str, ...]
+    row: int
+
+
+@dataclass
+class Manifest:
+    """The examples a manifest yielded plus one error per malformed row (nothing is dropped silently)."""
+
+    source: str
+    examples: list[Example] = field(default_factory=list)
+    errors: list[ManifestError] = field(default_factory=list)
+
+    def pairs(self) -> list[tuple[Example, str]]:
+        """One (example, caption) pair per caption: training sees each image once per caption."""
+        return [(ex, caption) for ex in self.examples for caption in ex.captions]
+
+
+def detect_format(path: str) -> str:
+    """Format from the file name (a trailing .gz is ignored)."""
+    name = path.lower().removesuffix(".gz")
+    for suffix, fmt in ((".csv", "csv"), (".tsv", "tsv"), (".jsonl", "jsonl"), (".json", "jsonl"),
+                        (".parquet", "parquet"), (".pq", "parquet")):
+        if name.endswith(suffix):
+            return fmt
+    raise ManifestError(path, "cannot tell the manifest format from the name; pass --format")
+
+
+def stable_id(image: str) -> str:
+    """Id for rows without an id column: a hash of the image path or URL."""
+    return hashlib.sha1(image.encode("utf-8")).hexdigest()[:16]
+
+
+def read_manifest(path: str | Path, spec: ManifestSpec | None = None) -> Manifest:
+    """Read a whole manifest, grouping rows by image; malformed rows become Manifest.errors."""
+    spec = spec or ManifestSpec()
+    source = str(path)
+    fmt = detect_format(source) if spec.format == "auto" else spec.format
+    if fmt not in FORMATS:
+        raise ManifestError(source, f"unknown manifest format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if fmt == "cc-tsv":
+        spec = ManifestSpec(fmt, image_column="url", caption_column="caption", id_column=spec.id_column)
+    base = Path(source).resolve().parent
+    manifest = Manifest(source)
+    by_image: dict[str, int] = {}
+    for row_number, row in _rows(source, fmt):
+        try:
+            if "_error" in row:
+                raise ValueError(row["_error"])
+            image, captions, row_id = _parse(row, spec)
+        except ValueError as err:
+            manifest.errors.append(ManifestError(f"{source}:{row_number}", str(err), "bad_row"))
+            continue
+        if not is_url(image) and not Path(image).is_absolute():
+            image = str(base / image)
+        if image in by_image:
+            old = manifest.examples[by_image[image]]
+            manifest.examples[by_image[image]] = Example(old.id, old.image, old.captions + captions, old.row)
+        else:
+            by_image[image] = len(manifest.examples)
+            manifest.examples.append(Example(row_id or stable_id(image), image, captions, row_number))
+    return manifest
+
+
+def _parse(row: dict[str, Any], spec: ManifestSpec) -> tuple[str, tuple[str, ...], str | None]:
+    image = row.get(spec.image_column)
+    if not isinstance(image, str) or not image.strip():
+        raise ValueError(f"missing or empty {spec.image_column!r} column (columns: {', '.join(map(str, row))})")
+    raw = row.get(spec.caption_column)
+    if raw is None:
+        captions: tuple[str, ...] = ()
+    elif isinstance(raw, str):
+        captions = (raw,) if raw.strip() else ()
+    elif isinstance(raw, (list, tuple)) and all(isinstance(c, str) for c in raw):
+        captions = tuple(c for c in raw if c.strip())
+    else:
+        raise ValueError(f"{spec.caption_column!r} must be text or a list of texts, got {type(raw).__name__}")
+    row_id = None
+    if spec.id_column:
+        value = row.get(spec.id_column)
+        if value is None or str(value).strip() == "":
+            raise ValueError(f"missing {spec.id_column!r} column")
+        row_id = str(value)
+    return image.strip(), captions, row_id
+
+
+def _open_text(path: str) -> IO[str]:
+    raw: IO[bytes] = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")  # noqa: SIM115
+    return io.TextIOWrapper(raw, encoding="utf-8", newline="")
+
+
+def _rows(path: str, fmt: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(1-based row number, row) pairs; the row number is what error lines quote."""
+    if not Path(path).exists():
+        raise ManifestError(path, "manifest not found")
+    try:
+        if fmt == "parquet":
+            yield from _parquet_rows(path)
+            return
+        with _open_text(path) as handle:
+            if fmt == "jsonl":
+                yield from _jsonl_rows(path, handle)
+            elif fmt == "cc-tsv":
+                for number, line in enumerate(handle, 1):
+                    if not line.strip():
+                        continue
+                    fields = line.rstrip("\r\n").split("\t")
+                    if len(fields) != 2:
+                        yield number, {"_error": f"expected caption<TAB>url, got {len(fields)} fields"}
+                        continue
+                    yield number, {"caption": fields[0], "url": fields[1]}
+            else:
+                reader = csv.DictReader(handle, delimiter="\t" if fmt == "tsv" else ",")
+                for row in reader:
+                    if None in row:  # more fields than the header names
+                        row = {"_error": f"{len(row) - 1 + len(row[None])} fields, header has {len(row) - 1}"}
+                    yield reader.line_num, row
+    except UnicodeDecodeError as err:
+        raise ManifestError(path, f"not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except (OSError, EOFError, csv.Error) as err:
+        raise ManifestError(path, f"cannot read manifest: {err}") from None
+
+
+def _jsonl_rows(path: str, handle: IO[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    for number, line in enumerate(handle, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            yield number, {"_error": f"invalid JSON ({err.msg})"}
+            continue
+        yield number, row if isinstance(row, dict) else {"_error": "row is not a JSON object"}
+
+
+def _parquet_rows(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    import pyarrow.parquet as pq  # noqa: PLC0415  (heavy import, only for Parquet)
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises several unrelated types for a bad file
+        raise ManifestError(path, f"not a readable Parquet file: {err}") from None
+    number = 0
+    for batch in parquet.iter_batches(batch_size=8192):
+        for row in batch.to_pylist():
+            number += 1
+            yield number, row

@@ -1,0 +1,115 @@
+"""Shared fixtures: a loopback HTTP server with scripted routes, synthetic data, a tiny trained model."""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Callable
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+
+from captioning.config import ModelConfig, TrainConfig  # noqa: E402
+
+
+@dataclass
+class Reply:
+    """What a route answers: status, headers, body, and an optional delay before the body."""
+
+    status: int = 200
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+
+
+class LoopbackServer:
+    """Threaded HTTP server on 127.0.0.1; routes map a path to a Reply or a function of the hit count."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, Reply | Callable[[int], Reply]] = {}
+        self.hits: collections.Counter[str] = collections.Counter()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                path = self.path.split("?")[0]
+                server.hits[path] += 1
+                route = server.routes.get(path)
+                reply = route(server.hits[path]) if callable(route) else route
+                if reply is None:
+                    reply = Reply(404, b"not found")
+                try:
+                    self.send_response(reply.status)
+                    for key, value in reply.headers.items():
+                        self.send_header(key, value)
+                    if "Content-Length" not in reply.headers:
+                        self.send_header("Content-Length", str(len(reply.body)))
+                    self.end_headers()
+                    if reply.delay:
+                        time.sleep(reply.delay)
+                    self.wfile.write(reply.body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def log_message(self, *args) -> None:  # keep pytest output clean
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        """Full URL of a path on this server."""
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def close(self) -> None:
+        """Stop serving."""
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def http_server():
+    """A fresh loopback server per test."""
+    server = LoopbackServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory) -> dict[str, Path]:
+    """A small deterministic synthetic dataset shared by the session."""
+    from captioning.datasets import synthetic
+
+    out = tmp_path_factory.mktemp("synthetic")
+    return synthetic.generate(out, {"train": 240, "val": 40, "test": 24}, seed=7, progress=False)
+
+
+TINY_MODEL = ModelConfig(max_length=20, d_model=32, num_layers=1, num_heads=2, dropout=0.0)
+
+
+def tiny_config(**overrides) -> TrainConfig:
+    """A training config that runs in seconds."""
+    values = dict(model=TINY_MODEL, weights="none", epochs=2, batch_size=32, learning_rate=3e-3, patience=3, seed=1)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def trained_bundle(synthetic_data, tmp_path_factory) -> Path:
+    """A tiny model trained for two epochs on the synthetic data."""
+    from captioning.manifest import read_manifest
+    from captioning.train import train
+
+    out = tmp_path_factory.mktemp("model")
+    train(read_manifest(synthetic_data["train"]), read_manifest(synthetic_data["val"]), out, tiny_config(),
+          progress=False, log=lambda _: None)
+    return out

@@ -1,0 +1,112 @@
+import pytest
+
+from captioning.config import FetchConfig
+from captioning.errors import FetchError
+from captioning.fetch import Fetcher, blocked_reason
+from tests.conftest import Reply
+
+LOCAL = FetchConfig(allow_private_networks=True, retries=2, backoff=0.01, read_timeout=0.5, max_bytes=1000)
+
+
+def reason(fetcher: Fetcher, url: str) -> str:
+    with pytest.raises(FetchError) as err:
+        fetcher.get(url)
+    assert url in str(err.value)  # every error names the URL
+    return err.value.reason
+
+
+def test_ok_and_user_agent(http_server):
+    http_server.routes["/a"] = Reply(200, b"hello", {"Content-Type": "text/plain"})
+    got = Fetcher(LOCAL).get(http_server.url("/a"))
+    assert (got.data, got.content_type) == (b"hello", "text/plain")
+
+
+def test_status_codes_and_retries(http_server):
+    http_server.routes["/flaky"] = lambda hit: Reply(500) if hit == 1 else Reply(200, b"ok")
+    http_server.routes["/down"] = Reply(503)
+    fetcher = Fetcher(LOCAL)
+    assert fetcher.get(http_server.url("/flaky")).data == b"ok"
+    assert reason(fetcher, http_server.url("/missing")) == "http_404"
+    assert http_server.hits["/missing"] == 1  # a 404 is final, never retried
+    assert reason(fetcher, http_server.url("/down")) == "http_503"
+    assert http_server.hits["/down"] == LOCAL.retries + 1
+
+
+def test_timeout(http_server):
+    http_server.routes["/slow"] = Reply(200, b"late", delay=1.5)
+    assert reason(Fetcher(FetchConfig(**{**LOCAL.__dict__, "retries": 0})), http_server.url("/slow")) == "timeout"
+
+
+def test_redirects(http_server):
+    http_server.routes["/loop"] = Reply(302, headers={"Location": "/loop2"})
+    http_server.routes["/loop2"] = Reply(302, headers={"Location": "/loop"})
+    http_server.routes["/hop"] = Reply(301, headers={"Location": "/a"})
+    http_server.routes["/a"] = Reply(200, b"there")
+    for i in range(10):
+        http_server.routes[f"/chain{i}"] = Reply(302, headers={"Location": f"/chain{i + 1}"})
+    fetcher = Fetcher(LOCAL)
+    got = fetcher.get(http_server.url("/hop"))
+    assert got.data == b"there" and got.url.endswith("/a")
+    assert reason(fetcher, http_server.url("/loop")) == "redirect_loop"
+    assert reason(fetcher, http_server.url("/chain0")) == "too_many_redirects"
+
+
+def test_size_limit_declared_and_streamed(http_server):
+    http_server.routes["/big"] = Reply(200, b"x" * 5000)
+    http_server.routes["/liar"] = Reply(200, b"x" * 5000, {"Content-Length": "10"})
+    fetcher = Fetcher(LOCAL)
+    assert reason(fetcher, http_server.url("/big")) == "too_large"
+    http_server.routes["/chunks"] = Reply(200, b"y" * 5000, {"Transfer-Encoding": "chunked", "Content-Length": ""})
+
+
+def test_robots_header_is_respected_by_default(http_server):
+    http_server.routes["/noai"] = Reply(200, b"img", {"X-Robots-Tag": "noai, noimageai"})
+    assert reason(Fetcher(LOCAL), http_server.url("/noai")) == "robots_noai"
+    relaxed = Fetcher(FetchConfig(**{**LOCAL.__dict__, "respect_robots_header": False}))
+    assert relaxed.get(http_server.url("/noai")).data == b"img"
+
+
+def test_private_addresses_are_blocked_unless_allowed(http_server):
+    http_server.routes["/a"] = Reply(200, b"secret")
+    strict = Fetcher(FetchConfig(retries=0))
+    assert reason(strict, http_server.url("/a")) == "blocked_address"
+    assert reason(strict, "http://localhost:9/") == "blocked_address"
+    assert http_server.hits["/a"] == 0  # the request never left the guard
+
+
+def test_every_redirect_hop_is_checked(http_server, monkeypatch):
+    # Stand-in for "public host redirects to a private one", entirely on loopback: 127.0.0.1 plays the
+    # public host and 127.0.0.2 the private target. No traffic leaves this machine.
+    monkeypatch.setattr("captioning.fetch.blocked_reason", lambda a: "private" if a == "127.0.0.2" else None)
+    target = f"http://127.0.0.2:{http_server.port}/inside"
+    http_server.routes["/hop"] = Reply(302, headers={"Location": target})
+    http_server.routes["/inside"] = Reply(200, b"secret")
+    with pytest.raises(FetchError) as err:
+        Fetcher(FetchConfig(retries=0)).get(http_server.url("/hop"))
+    assert err.value.reason == "blocked_address"
+    assert str(err.value).startswith(http_server.url("/hop")) and target in str(err.value)
+    assert http_server.hits["/inside"] == 0
+
+
+@pytest.mark.parametrize("address,expected", [
+    ("127.0.0.1", "loopback"), ("::1", "loopback"), ("169.254.169.254", "link-local"), ("10.1.2.3", "private"),
+    ("192.168.0.1", "private"), ("172.16.5.5", "private"), ("224.0.0.1", "multicast"), ("0.0.0.0", "private"),
+    ("::ffff:127.0.0.1", "loopback"), ("fe80::1", "link-local"), ("8.8.8.8", None), ("2606:4700::1111", None),
+])
+def test_blocked_reason(address, expected):
+    assert blocked_reason(address) == expected
+
+
+def test_schemes_and_bad_urls():
+    fetcher = Fetcher(FetchConfig(retries=0))
+    assert reason(fetcher, "file:///etc/passwd") == "bad_scheme"
+    assert reason(fetcher, "ftp://example.com/x.jpg") == "bad_scheme"
+    assert reason(fetcher, "http:///nohost") == "bad_url"
+
+
+def test_download_streams_to_file_and_can_stop_after_lines(http_server, tmp_path):
+    http_server.routes["/t.tsv"] = Reply(200, b"".join(b"caption %d\thttp://x/%d\n" % (i, i) for i in range(100)))
+    fetcher = Fetcher(LOCAL)
+    path = fetcher.download(http_server.url("/t.tsv"), tmp_path / "t.tsv", max_bytes=10**6, max_lines=7)
+    assert path.read_text().count("\n") == 7 and path.read_text().endswith("http://x/6\n")
+    assert not (tmp_path / "t.tsv.part").exists()

@@ -14,6 +14,7 @@ from captioning.config import ModelConfig
 from captioning.errors import BundleError
 from captioning.features import Backbone
 from captioning.model import Captioner
+from captioning.precision import resolve_precision
 from captioning.text import Tokenizer
 
 FORMAT, FORMAT_VERSION = "captioning-bundle", 1
@@ -60,8 +61,11 @@ def save_bundle(path: str | Path, model: Captioner, backbone: Backbone, metrics:
     return version
 
 
-def load_bundle(path: str | Path) -> Bundle:
-    """Load a bundle directory; any missing or corrupt part raises BundleError naming the file."""
+def load_bundle(path: str | Path, precision: str = "float32") -> Bundle:
+    """Load a bundle directory; any missing or corrupt part raises BundleError naming the file.
+
+    precision is the decoder's compute precision ("auto" picks mixed precision on GPUs).
+    """
     path = Path(path)
     if not path.is_dir():
         raise BundleError(str(path), "model directory not found")
@@ -87,7 +91,7 @@ def load_bundle(path: str | Path) -> Bundle:
     backbone = Backbone(backbone_info["name"], weights=_weights_file(path / BACKBONE))
     if backbone.fingerprint() != backbone_info.get("fingerprint"):
         raise BundleError(str(path / BACKBONE), "backbone weights do not match the bundle's fingerprint")
-    model = Captioner(config, tokenizer)
+    model = Captioner(config, tokenizer, dtype=resolve_precision(precision))
     model.build_for(backbone.channels)
     try:
         model.load_weights(str(_existing(path / DECODER)))

@@ -73,4 +73,5 @@ class TrainConfig:
     image: ImageConfig = field(default_factory=ImageConfig)
     fetch: FetchConfig = field(default_factory=FetchConfig)
     steps_per_epoch: int | None = None  # cap, for quick runs
+    max_seconds: float | None = None  # wall-clock budget for the epochs; checked after each epoch
     sample_every_epoch: bool = True

@@ -24,6 +24,7 @@ class GenerationConfig:
     length_penalty: float = 1.0  # beam score = sum log p / length ** length_penalty
     attention: bool = True
     seed: int = 0
+    jit_compile: bool | None = None  # XLA-compile the loop; None: on when a GPU is present
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -52,9 +53,14 @@ class Generator:
         self.model = model
         self.config = config or GenerationConfig()
         self.steps = model.config.max_length - 1
+        self.traces = 0  # how often the loop was traced; a test and the benchmark check it stays at 1
         loop = self._beam_loop if self.config.method == "beam" else self._sample_loop
-        spec = tf.TensorSpec([None, None, None], tf.float32)
-        self._loop = tf.function(loop, input_signature=[spec])
+        jit = self.config.jit_compile
+        if jit is None:
+            jit = bool(tf.config.list_physical_devices("GPU"))
+        # Batch and grid dimensions are left open in the signature so no batch size retraces the graph.
+        spec = tf.TensorSpec([None, None, model.feature_channels], tf.float32)
+        self._loop = tf.function(loop, input_signature=[spec], jit_compile=jit)
 
     def __call__(self, features: np.ndarray | tf.Tensor) -> Generation:
         """Features (B, 49, C) -> captions for the B images."""
@@ -71,32 +77,34 @@ class Generator:
         return tf.random.stateless_categorical(logits / self.config.temperature, 1, seed)[:, 0]
 
     def _sample_loop(self, features: tf.Tensor):
-        model, end = self.model, self.model.end_id
+        self.traces += 1
+        model, end, steps = self.model, self.model.end_id, self.steps
         batch = tf.shape(features)[0]
         state = model.start(features)
         token = tf.fill([batch], tf.constant(model.start_id, tf.int64))
         done = tf.zeros([batch], tf.bool)
         total = tf.zeros([batch], tf.float32)
-        tokens = tf.TensorArray(tf.int64, size=0, dynamic_size=True)
-        maps = tf.TensorArray(tf.float32, size=0, dynamic_size=True)
-        for t in tf.range(self.steps):
+        # Outputs are preallocated and written with one-hot masks: fixed shapes keep the loop XLA-friendly.
+        tokens = tf.zeros([batch, steps], tf.int64)
+        maps = tf.zeros([batch, steps, tf.shape(features)[1] if self.config.attention else 0])
+        for t in tf.range(steps):
             logits, attention, state = model.step(token, t, state)
-            token = self._choose(logits, t)
+            token = tf.where(done, tf.zeros_like(token), self._choose(logits, t))
             logp = tf.gather(tf.nn.log_softmax(logits), token, batch_dims=1)
-            token = tf.where(done, tf.zeros_like(token), token)
             total += tf.where(done, 0.0, logp)
-            tokens = tokens.write(t, token)
+            slot = tf.one_hot(t, steps, dtype=tf.int64)[tf.newaxis]  # (1, steps)
+            tokens += slot * token[:, tf.newaxis]
             if self.config.attention:
-                maps = maps.write(t, attention)
+                live = tf.where(done, 0.0, 1.0)[:, tf.newaxis, tf.newaxis]
+                maps += tf.cast(slot, tf.float32)[..., tf.newaxis] * live * attention[:, tf.newaxis]
             done = done | (token == end)
             if tf.reduce_all(done):
                 break
-        tokens = tf.transpose(tokens.stack())  # (B, steps)
         length = tf.reduce_sum(tf.cast(tokens != 0, tf.float32), axis=1)
-        attention = rearrange(maps.stack(), "t b s -> b t s") if self.config.attention else tf.zeros([batch, 0, 0])
-        return tokens, total / tf.maximum(length, 1.0), attention
+        return tokens, total / tf.maximum(length, 1.0), maps
 
     def _beam_loop(self, features: tf.Tensor):
+        self.traces += 1
         model, end, k = self.model, self.model.end_id, self.config.beam_size
         batch, steps, vocab = tf.shape(features)[0], self.steps, model.tokenizer.size
         state = model.start(repeat(features, "b s c -> (b k) s c", k=k))

@@ -25,7 +25,8 @@ class SeqEmbedding(keras.layers.Layer):
 
     def call(self, tokens: tf.Tensor, start: tf.Tensor | int = 0) -> tf.Tensor:
         # tokens: (B, T) -> (B, T, D). Positions broadcast over the batch (the tutorial's Add does not).
-        positions = tf.range(start, start + tf.shape(tokens)[1])
+        length = tokens.shape[1] if tokens.shape[1] is not None else tf.shape(tokens)[1]
+        positions = start + tf.range(length)  # a static range, so XLA can compile the decoding loop
         return self.token(tokens) + self.position(positions)[tf.newaxis]
 
 
@@ -40,7 +41,7 @@ class Attention(keras.layers.Layer):
         self.key = keras.layers.Dense(width, dtype=self.dtype_policy)
         self.value = keras.layers.Dense(width, dtype=self.dtype_policy)
         self.out = keras.layers.Dense(width, dtype=self.dtype_policy)
-        self.dropout = keras.layers.Dropout(dropout)
+        self.dropout = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
 
     def keys_values(self, context: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """(B, S, C) -> keys and values (B, H, S, Dh)."""
@@ -119,7 +120,7 @@ class FeedForward(keras.layers.Layer):
         super().__init__(**kwargs)
         self.hidden = keras.layers.Dense(multiplier * d_model, activation="relu", dtype=self.dtype_policy)
         self.project = keras.layers.Dense(d_model, dtype=self.dtype_policy)
-        self.dropout = keras.layers.Dropout(dropout)
+        self.dropout = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
         self.norm = keras.layers.LayerNormalization(dtype=self.dtype_policy)
 
     def call(self, x: tf.Tensor, training: bool = False) -> tf.Tensor:
@@ -191,6 +192,9 @@ class Captioner(keras.Model):
         self.tokenizer = tokenizer
         self.start_id, self.end_id = tokenizer.id(START), tokenizer.id(END)
         policy = self.dtype_policy
+        # Backbones differ wildly in feature scale (a random MobileNetV3 gives std ~0.06, ImageNet weights
+        # ~1); normalising each position's features makes cross-attention start from comparable logits.
+        self.image_norm = keras.layers.LayerNormalization(epsilon=1e-6, dtype=policy)
         self.embedding = SeqEmbedding(tokenizer.size, config.max_length, config.d_model, dtype=policy)
         self.decoder_layers = [DecoderLayer(config, dtype=policy) for _ in range(config.num_layers)]
         banned = [tokenizer.id(t) for t in BANNED]
@@ -202,7 +206,7 @@ class Captioner(keras.Model):
 
     def forward(self, features: tf.Tensor, tokens: tf.Tensor, training: bool = False):
         """Full-sequence pass -> logits (B, T, V) and attention (B, T, 49) averaged over heads and layers."""
-        image = tf.cast(features, self.compute_dtype)
+        image = self.image_norm(tf.cast(features, self.compute_dtype))  # (B, 49, C)
         x = self.embedding(tokens)
         maps = []
         for layer in self.decoder_layers:
@@ -210,13 +214,18 @@ class Captioner(keras.Model):
             maps.append(tf.reduce_mean(weights, axis=1))  # (B, T, 49)
         return self.output_layer(x), tf.add_n(maps) / len(maps)
 
+    @property
+    def feature_channels(self) -> int:
+        """C of the (B, 49, C) features the model was built for."""
+        return int(self.image_norm.gamma.shape[-1])
+
     def build_for(self, channels: int) -> None:
         """Create all weights by running one dummy batch (needed before load_weights)."""
         self((tf.zeros([1, 49, channels]), tf.zeros([1, self.config.max_length - 1], tf.int64)))
 
     def start(self, features: tf.Tensor, batch_max_length: int | None = None) -> DecodeState:
         """Caches for decoding: image keys/values computed once, empty self-attention slots."""
-        image = tf.cast(features, self.compute_dtype)
+        image = self.image_norm(tf.cast(features, self.compute_dtype))
         length = batch_max_length or self.config.max_length
         batch = tf.shape(image)[0]
         heads, head_dim = self.config.num_heads, self.config.d_model // self.config.num_heads

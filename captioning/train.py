@@ -8,6 +8,7 @@ import json
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -105,6 +106,7 @@ def batches(
         output_signature=(tf.TensorSpec([None, 49, channels], tf.float32), tf.TensorSpec([None], tf.string)),
     )
 
+    @tf.autograph.experimental.do_not_convert  # no control flow; AutoGraph trips on the sibling generator
     def to_model_inputs(features: tf.Tensor, captions: tf.Tensor):
         tokens = tokenizer.encode(captions)
         return (features, tokens[:, :-1]), tokens[:, 1:]
@@ -135,6 +137,7 @@ class Trainer:
         self._eval_step = tf.function(self._distributed(self._eval_replica))
 
     def _distributed(self, replica_fn: Callable) -> Callable:
+        @tf.autograph.experimental.do_not_convert
         def step(batch):
             sums = self.strategy.run(replica_fn, args=(batch,))
             return [self.strategy.reduce(tf.distribute.ReduceOp.SUM, s, axis=None) for s in sums]
@@ -257,6 +260,7 @@ def train(
     sampler = Generator(model, GenerationConfig(attention=False))
     sample_key = next(iter(val_pairs.first_key))
     stopped_early = False
+    started = time.monotonic()
     for epoch in range(state["epoch"], config.epochs):
         train_metrics = trainer.run_epoch(train_data, True, steps, f"epoch {epoch + 1}/{config.epochs}", progress)
         val_metrics = trainer.run_epoch(val_data, False, None, "validation", progress)
@@ -279,6 +283,9 @@ def train(
         if state["wait"] >= config.patience:
             log(f"early stopping: val_loss has not improved for {config.patience} epochs")
             stopped_early = True
+            break
+        if config.max_seconds is not None and time.monotonic() - started > config.max_seconds:
+            log(f"time budget of {config.max_seconds:.0f} s used up after epoch {epoch + 1}")
             break
 
     model.load_weights(str(checkpoint / "best.weights.h5"))

@@ -93,3 +93,41 @@ def test_bad_config_is_refused():
         GenerationConfig("topp")
     with pytest.raises(ValueError, match="temperature"):
         GenerationConfig("sample", temperature=0)
+
+
+@pytest.mark.parametrize("method", ["greedy", "sample", "beam"])
+def test_traced_once_whatever_the_batch_size(bundle, features, method):
+    generator = Generator(bundle.model, GenerationConfig(method, beam_size=2))
+    for size in (1, 3, 8, 5, 24):
+        assert len(generator(features[:size]).captions) == size
+    assert generator.traces == 1
+
+
+def test_xla_compiled_loop_matches_the_plain_graph(bundle, features):
+    plain = Generator(bundle.model, GenerationConfig("greedy"))(features[:8])
+    compiled = Generator(bundle.model, GenerationConfig("greedy", jit_compile=True))(features[:8])
+    assert compiled.captions == plain.captions
+    for a, b in zip(compiled.attention, plain.attention):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    beam = Generator(bundle.model, GenerationConfig("beam", beam_size=3, jit_compile=True))(features[:8])
+    assert beam.captions == Generator(bundle.model, GenerationConfig("beam", beam_size=3))(features[:8]).captions
+
+
+def test_reduced_precision_decoding_runs_and_mostly_agrees(trained_bundle, bundle, features):
+    from captioning.precision import resolve_precision
+
+    assert resolve_precision("auto") == "float32"  # no GPU here: full precision on CPU
+    half = load_bundle(trained_bundle, precision="mixed_bfloat16")
+    assert half.model.compute_dtype == "bfloat16" and half.model.variable_dtype == "float32"
+    low = Generator(half.model, GenerationConfig("greedy"))(features)
+    full = Generator(bundle.model, GenerationConfig("greedy"))(features)
+    agree = np.mean([a == b for a, b in zip(low.captions, full.captions)])
+    assert agree >= 0.7, (agree, low.captions[:3], full.captions[:3])
+    assert all(np.isfinite(m).all() for m in low.attention)
+
+
+def test_unknown_precision_is_refused():
+    from captioning.precision import resolve_precision
+
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("float8")

@@ -73,6 +73,13 @@ def timed(fn, items: int) -> float:
     return items / (time.perf_counter() - start)
 
 
+def print_row(r: dict, baseline_rate: float) -> None:
+    print(f"{r['method']:<8}{'yes' if r['attention'] else 'no':<6}{r['batch']:>6}"
+          f"{r['decoder_captions_per_s']:>15.1f}{r['decoder_captions_per_s'] / baseline_rate:>12.1f}"
+          f"{r['end_to_end_captions_per_s']:>18.1f}{r['end_to_end_captions_per_s'] / baseline_rate:>12.1f}"
+          f"{r['peak_extra_mib']:>11.0f}{r['traces']:>8}", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="bundle to use (default: train a small one first)")
@@ -105,6 +112,11 @@ def main() -> int:
     n = args.baseline_images
     baseline_rate = timed(lambda: [seed_style_caption(bundle, images[i]) for i in range(n)], n)
 
+    print(f"\nbackbone only (MobileNetV3Small, batch 128): {backbone_rate:8.1f} images/s  <- ceiling")
+    print(f"seed-style baseline (batch 1, full recompute per word): {baseline_rate:8.2f} captions/s "
+          f"(on {n} images)\n")
+    print(f"{'method':<8}{'attn':<6}{'batch':>6}{'decoder cap/s':>15}{'x baseline':>12}{'end-to-end cap/s':>18}"
+          f"{'x baseline':>12}{'peak +MiB':>11}{'traces':>8}", flush=True)
     rows = []
     for method in ("greedy", "beam"):
         for attention in (False, True):
@@ -131,17 +143,8 @@ def main() -> int:
                              "batch": batch, "decoder_captions_per_s": decode_rate,
                              "end_to_end_captions_per_s": e2e_rate, "peak_extra_mib": peak_mib,
                              "traces": generator.traces})
+                print_row(rows[-1], baseline_rate)
 
-    print(f"\nbackbone only (MobileNetV3Small, batch 128): {backbone_rate:8.1f} images/s  <- ceiling")
-    print(f"seed-style baseline (batch 1, full recompute per word): {baseline_rate:8.2f} captions/s "
-          f"(on {n} images)\n")
-    print(f"{'method':<8}{'attn':<6}{'batch':>6}{'decoder cap/s':>15}{'x baseline':>12}{'end-to-end cap/s':>18}"
-          f"{'x baseline':>12}{'peak +MiB':>11}{'traces':>8}")
-    for r in rows:
-        print(f"{r['method']:<8}{'yes' if r['attention'] else 'no':<6}{r['batch']:>6}"
-              f"{r['decoder_captions_per_s']:>15.1f}{r['decoder_captions_per_s'] / baseline_rate:>12.1f}"
-              f"{r['end_to_end_captions_per_s']:>18.1f}{r['end_to_end_captions_per_s'] / baseline_rate:>12.1f}"
-              f"{r['peak_extra_mib']:>11.0f}{r['traces']:>8}")
     key = next(r for r in rows if r["method"] == "greedy" and not r["attention"] and r["batch"] == 128)
     speedup = key["end_to_end_captions_per_s"] / baseline_rate
     share = key["end_to_end_captions_per_s"] / backbone_rate

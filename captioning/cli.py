@@ -39,6 +39,8 @@ def _generation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=1, help="with --beam-size: also print the k best captions")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", default="auto", choices=["auto", "float32", "mixed_float16", "mixed_bfloat16"],
+                        help="decoder compute precision (auto: mixed on GPUs, float32 on CPUs)")
 
 
 def _generation_config(args: argparse.Namespace, attention: bool):  # noqa: ANN202
@@ -134,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="synthetic data -> train -> caption with attention -> evaluate")
     demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--train", type=int, default=1500)
+    demo.add_argument("--train", type=int, default=3000)
     demo.add_argument("--val", type=int, default=150)
     demo.add_argument("--test", type=int, default=150)
     demo.add_argument("--epochs", type=int, default=12)
@@ -201,7 +203,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     from captioning.inference import caption_sources  # noqa: PLC0415
     from captioning.plots import plot_attention  # noqa: PLC0415
 
-    bundle = load_bundle(args.model)
+    bundle = load_bundle(args.model, precision=args.precision)
     plot = args.attention_plot
     generation = _generation_config(args, attention=bool(plot))
     results = caption_sources(bundle, args.sources, generation, ImageConfig(), Fetcher(_fetch_config(args)),
@@ -232,7 +234,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from captioning.fetch import Fetcher  # noqa: PLC0415
     from captioning.manifest import read_manifest  # noqa: PLC0415
 
-    bundle = load_bundle(args.model)
+    bundle = load_bundle(args.model, precision=args.precision)
     manifest = read_manifest(args.manifest, _manifest_spec(args))
     report = evaluate(bundle, manifest, _generation_config(args, attention=False), ImageConfig(),
                       Fetcher(_fetch_config(args)), args.batch_size, meteor=not args.no_meteor, log=_log)

@@ -66,3 +66,9 @@ def test_data_synthetic_command(tmp_path, capsys):
     code, out, _ = run(capsys, "data", "synthetic", "--out", str(tmp_path), "--train", "3", "--val", "2")
     assert code == 0 and "train.jsonl" in out
     assert len((tmp_path / "val.jsonl").read_text().splitlines()) == 2
+
+
+def test_caption_with_reduced_precision(trained_bundle, synthetic_data, capsys):
+    image = sorted((synthetic_data["test"].parent / "images" / "test").glob("*.jpg"))[0]
+    code, out, _ = run(capsys, "caption", str(trained_bundle), str(image), "--precision", "mixed_bfloat16")
+    assert code == 0 and out.split("\t")[1].strip()

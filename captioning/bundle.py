@@ -15,6 +15,7 @@ from captioning.errors import BundleError
 from captioning.features import Backbone
 from captioning.model import Captioner
 from captioning.precision import resolve_precision
+from captioning.storage import Storage, StorageError, is_s3
 from captioning.text import Tokenizer
 
 FORMAT, FORMAT_VERSION = "captioning-bundle", 1
@@ -61,11 +62,17 @@ def save_bundle(path: str | Path, model: Captioner, backbone: Backbone, metrics:
     return version
 
 
-def load_bundle(path: str | Path, precision: str = "float32") -> Bundle:
-    """Load a bundle directory; any missing or corrupt part raises BundleError naming the file.
+def load_bundle(path: str | Path, precision: str = "float32", storage: Storage | None = None) -> Bundle:
+    """Load a bundle directory (local or s3:// prefix); a missing or corrupt part raises BundleError naming it.
 
     precision is the decoder's compute precision ("auto" picks mixed precision on GPUs).
     """
+    source = str(path)
+    if is_s3(source):
+        try:
+            path = (storage or Storage()).local_dir(source)
+        except StorageError as err:
+            raise BundleError(source, f"cannot fetch model bundle: {err.message}") from None
     path = Path(path)
     if not path.is_dir():
         raise BundleError(str(path), "model directory not found")
@@ -99,7 +106,7 @@ def load_bundle(path: str | Path, precision: str = "float32") -> Bundle:
         raise
     except Exception as err:  # h5py and keras raise many types for a damaged file
         raise BundleError(str(path / DECODER), f"cannot load decoder weights: {err}") from None
-    return Bundle(model, backbone, manifest["version"], str(path), manifest)
+    return Bundle(model, backbone, manifest["version"], source, manifest)
 
 
 def _weights_file(path: Path) -> str:

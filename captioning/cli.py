@@ -62,10 +62,18 @@ def _network_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-private-networks", action="store_true",
                         help="let URLs reach private, loopback and link-local addresses (off by default)")
     parser.add_argument("--timeout", type=float, default=15.0, help="read timeout per request, seconds")
+    parser.add_argument("--s3-endpoint", default=None,
+                        help="S3-compatible endpoint for s3:// URIs (default: AWS_ENDPOINT_URL or AWS itself)")
 
 
 def _fetch_config(args: argparse.Namespace) -> FetchConfig:
     return FetchConfig(read_timeout=args.timeout, allow_private_networks=args.allow_private_networks)
+
+
+def _storage(args: argparse.Namespace):  # noqa: ANN202
+    from captioning.storage import Storage, StorageConfig  # noqa: PLC0415
+
+    return Storage(StorageConfig(s3_endpoint=getattr(args, "s3_endpoint", None)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     _manifest_args(evaluate)
     _generation_args(evaluate)
     _network_args(evaluate)
+
+    storage = commands.add_parser("storage", help="local S3-compatible storage").add_subparsers(
+        dest="action", required=True)
+    serve = storage.add_parser("serve", help="run SeaweedFS on loopback until interrupted")
+    serve.add_argument("--dir", required=True, help="data directory")
+    serve.add_argument("--bucket", action="append", default=[], help="bucket to create (repeatable)")
+    serve.add_argument("--port", type=int, default=None, help="S3 port (default: a free one outside Ray's range)")
 
     demo = commands.add_parser("demo", help="synthetic data -> train -> caption with attention -> evaluate")
     demo.add_argument("--out", default="runs/demo")
@@ -203,11 +218,12 @@ def cmd_caption(args: argparse.Namespace) -> int:
     from captioning.inference import caption_sources  # noqa: PLC0415
     from captioning.plots import plot_attention  # noqa: PLC0415
 
-    bundle = load_bundle(args.model, precision=args.precision)
+    storage = _storage(args)
+    bundle = load_bundle(args.model, precision=args.precision, storage=storage)
     plot = args.attention_plot
     generation = _generation_config(args, attention=bool(plot))
     results = caption_sources(bundle, args.sources, generation, ImageConfig(), Fetcher(_fetch_config(args)),
-                              args.batch_size, keep_images=bool(plot))
+                              args.batch_size, keep_images=bool(plot), storage=storage)
     failed = 0
     for index, result in enumerate(results):
         if result.error:
@@ -234,14 +250,49 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from captioning.fetch import Fetcher  # noqa: PLC0415
     from captioning.manifest import read_manifest  # noqa: PLC0415
 
-    bundle = load_bundle(args.model, precision=args.precision)
-    manifest = read_manifest(args.manifest, _manifest_spec(args))
+    storage = _storage(args)
+    bundle = load_bundle(args.model, precision=args.precision, storage=storage)
+    manifest = read_manifest(args.manifest, _manifest_spec(args), storage=storage)
     report = evaluate(bundle, manifest, _generation_config(args, attention=False), ImageConfig(),
-                      Fetcher(_fetch_config(args)), args.batch_size, meteor=not args.no_meteor, log=_log)
+                      Fetcher(_fetch_config(args)), args.batch_size, meteor=not args.no_meteor, log=_log,
+                      storage=storage)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     _log(format_scores(report["scores"]))
     return 1 if report["failures"] else 0
+
+
+def cmd_storage(args: argparse.Namespace) -> int:
+    """captioning storage serve: SeaweedFS until Ctrl+C or SIGTERM; the secret goes to a 0600 file, not the log."""
+    import signal  # noqa: PLC0415
+
+    from captioning.seaweed import PORT_FLAGS, SeaweedServer, free_ports  # noqa: PLC0415
+
+    data = Path(args.dir)
+    ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS))))
+    if args.port:
+        ports["s3.port"] = args.port
+    keys = {k: os.environ[v] for k, v in (("access_key", "AWS_ACCESS_KEY_ID"), ("secret_key", "AWS_SECRET_ACCESS_KEY"))
+            if os.environ.get(v)}
+    server = SeaweedServer(data, ports=ports, **keys)
+    signal.signal(signal.SIGTERM, _interrupt)
+    with server.start():
+        for bucket in args.bucket:
+            server.create_bucket(bucket)
+        env_file = data / "credentials.env"
+        env_file.touch(mode=0o600)
+        env_file.write_text("".join(f"export {k}={v}\n" for k, v in server.env().items()))
+        _log(f"S3 endpoint {server.endpoint} (access key {server.access_key}); "
+             f"credentials: source {env_file}; stop with Ctrl+C")
+        try:
+            server.process.wait()
+        except KeyboardInterrupt:
+            _log("stopping")
+    return 0
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -252,7 +303,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"data": cmd_data, "train": cmd_train, "caption": cmd_caption, "evaluate": cmd_evaluate, "demo": cmd_demo}
+COMMANDS = {"data": cmd_data, "train": cmd_train, "caption": cmd_caption, "evaluate": cmd_evaluate,
+            "storage": cmd_storage, "demo": cmd_demo}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,6 +14,7 @@ from captioning.fetch import Fetcher
 from captioning.generate import GenerationConfig
 from captioning.inference import caption_sources
 from captioning.manifest import Manifest
+from captioning.storage import Storage
 from captioning.text import clean_text
 
 
@@ -51,11 +52,13 @@ def evaluate(
     batch_size: int = 64,
     meteor: bool = True,
     log: Callable[[str], None] = print,
+    storage: Storage | None = None,
 ) -> dict:
     """Caption every manifest image and score against its references; failures are listed, not dropped."""
     generation = generation or GenerationConfig(attention=False)
     examples = [ex for ex in manifest.examples if ex.captions]
-    results = caption_sources(bundle, [ex.image for ex in examples], generation, image_config, fetcher, batch_size)
+    results = caption_sources(bundle, [ex.image for ex in examples], generation, image_config, fetcher, batch_size,
+                              storage=storage)
     rows, failures = [], []
     for ex, result in zip(examples, results):
         if result.error:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import warnings
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -12,23 +11,28 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from captioning.config import ImageConfig
 from captioning.errors import CaptioningError, ImageError
 from captioning.fetch import Fetcher, is_url
+from captioning.storage import Storage, is_s3, local_path
 
 
-def read_source(source: str, fetcher: Fetcher | None) -> bytes:
-    """Bytes of a local file or an http(s) URL; raises CaptioningError naming the source."""
+def read_source(source: str, fetcher: Fetcher | None, storage: Storage | None = None) -> bytes:
+    """Bytes of a local file, an s3:// object or an http(s) URL; raises CaptioningError naming the source."""
     if is_url(source):
         if fetcher is None:
             raise CaptioningError(source, "URLs need a fetcher (network access was not configured)")
         return fetcher.get(source).data
+    if is_s3(source):
+        return (storage or Storage()).read_bytes(source)
     try:
-        return Path(source).read_bytes()
+        return local_path(source).read_bytes()
     except OSError as err:
         raise CaptioningError(source, f"cannot read file: {err.strerror}", "unreadable") from None
 
 
-def load_image(source: str, config: ImageConfig, fetcher: Fetcher | None = None) -> np.ndarray:
-    """A path or URL as a model-ready uint8 image (size, size, 3)."""
-    return decode_image(read_source(source, fetcher), source, config)
+def load_image(
+    source: str, config: ImageConfig, fetcher: Fetcher | None = None, storage: Storage | None = None
+) -> np.ndarray:
+    """A path, s3:// object or URL as a model-ready uint8 image (size, size, 3)."""
+    return decode_image(read_source(source, fetcher, storage), source, config)
 
 
 def decode_image(data: bytes, source: str, config: ImageConfig) -> np.ndarray:

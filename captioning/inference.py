@@ -14,6 +14,7 @@ from captioning.errors import CaptioningError
 from captioning.fetch import Fetcher
 from captioning.generate import GenerationConfig, Generator
 from captioning.images import load_image
+from captioning.storage import Storage
 
 
 @dataclass
@@ -37,6 +38,7 @@ def caption_sources(
     fetcher: Fetcher | None = None,
     batch_size: int = 64,
     keep_images: bool = False,
+    storage: Storage | None = None,
 ) -> Iterator[Captioned]:
     """Caption paths/URLs in input order; a bad source yields its error and the rest go on."""
     image_config = image_config or ImageConfig()
@@ -44,7 +46,7 @@ def caption_sources(
 
     def load(source: str) -> Captioned | tuple[str, np.ndarray]:
         try:
-            return source, load_image(source, image_config, fetcher)
+            return source, load_image(source, image_config, fetcher, storage)
         except CaptioningError as err:
             return Captioned(source, error=err)
 

@@ -13,6 +13,7 @@ from typing import IO, Any, Iterator
 
 from captioning.errors import ManifestError
 from captioning.fetch import is_url
+from captioning.storage import Storage, StorageError, is_s3, local_path
 
 FORMATS = ("csv", "tsv", "cc-tsv", "jsonl", "parquet")
 
@@ -65,19 +66,26 @@ def stable_id(image: str) -> str:
     return hashlib.sha1(image.encode("utf-8")).hexdigest()[:16]
 
 
-def read_manifest(path: str | Path, spec: ManifestSpec | None = None) -> Manifest:
-    """Read a whole manifest, grouping rows by image; malformed rows become Manifest.errors."""
+def read_manifest(path: str | Path, spec: ManifestSpec | None = None, storage: Storage | None = None) -> Manifest:
+    """Read a whole manifest (local, file:// or s3://), grouping rows by image; bad rows become Manifest.errors."""
     spec = spec or ManifestSpec()
     source = str(path)
+    local = str(local_path(source))
+    if is_s3(source):
+        try:
+            local = str((storage or Storage()).local_file(source))
+        except StorageError as err:
+            raise ManifestError(source, f"cannot fetch manifest: {err.message}") from None
     fmt = detect_format(source) if spec.format == "auto" else spec.format
     if fmt not in FORMATS:
         raise ManifestError(source, f"unknown manifest format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if fmt == "cc-tsv":
         spec = ManifestSpec(fmt, image_column="url", caption_column="caption", id_column=spec.id_column)
-    base = Path(source).resolve().parent
+    # Relative image paths are relative to the manifest, wherever it lives.
+    base = source.rsplit("/", 1)[0] + "/" if is_s3(source) else str(Path(local).resolve().parent) + "/"
     manifest = Manifest(source)
     by_image: dict[str, int] = {}
-    for row_number, row in _rows(source, fmt):
+    for row_number, row in _rows(local, fmt, source):
         try:
             if "_error" in row:
                 raise ValueError(row["_error"])
@@ -85,8 +93,8 @@ def read_manifest(path: str | Path, spec: ManifestSpec | None = None) -> Manifes
         except ValueError as err:
             manifest.errors.append(ManifestError(f"{source}:{row_number}", str(err), "bad_row"))
             continue
-        if not is_url(image) and not Path(image).is_absolute():
-            image = str(base / image)
+        if not is_url(image) and not is_s3(image) and not Path(image).is_absolute():
+            image = base + image
         if image in by_image:
             old = manifest.examples[by_image[image]]
             manifest.examples[by_image[image]] = Example(old.id, old.image, old.captions + captions, old.row)
@@ -123,17 +131,17 @@ def _open_text(path: str) -> IO[str]:
     return io.TextIOWrapper(raw, encoding="utf-8", newline="")
 
 
-def _rows(path: str, fmt: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(1-based row number, row) pairs; the row number is what error lines quote."""
+def _rows(path: str, fmt: str, source: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(1-based row number, row) pairs of the local file path; errors name the source the user gave."""
     if not Path(path).exists():
-        raise ManifestError(path, "manifest not found")
+        raise ManifestError(source, "manifest not found")
     try:
         if fmt == "parquet":
-            yield from _parquet_rows(path)
+            yield from _parquet_rows(path, source)
             return
         with _open_text(path) as handle:
             if fmt == "jsonl":
-                yield from _jsonl_rows(path, handle)
+                yield from _jsonl_rows(handle)
             elif fmt == "cc-tsv":
                 for number, line in enumerate(handle, 1):
                     if not line.strip():
@@ -150,12 +158,12 @@ def _rows(path: str, fmt: str) -> Iterator[tuple[int, dict[str, Any]]]:
                         row = {"_error": f"{len(row) - 1 + len(row[None])} fields, header has {len(row) - 1}"}
                     yield reader.line_num, row
     except UnicodeDecodeError as err:
-        raise ManifestError(path, f"not UTF-8 text ({err.reason} at byte {err.start})") from None
+        raise ManifestError(source, f"not UTF-8 text ({err.reason} at byte {err.start})") from None
     except (OSError, EOFError, csv.Error) as err:
-        raise ManifestError(path, f"cannot read manifest: {err}") from None
+        raise ManifestError(source, f"cannot read manifest: {err}") from None
 
 
-def _jsonl_rows(path: str, handle: IO[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+def _jsonl_rows(handle: IO[str]) -> Iterator[tuple[int, dict[str, Any]]]:
     for number, line in enumerate(handle, 1):
         if not line.strip():
             continue
@@ -167,13 +175,13 @@ def _jsonl_rows(path: str, handle: IO[str]) -> Iterator[tuple[int, dict[str, Any
         yield number, row if isinstance(row, dict) else {"_error": "row is not a JSON object"}
 
 
-def _parquet_rows(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
+def _parquet_rows(path: str, source: str) -> Iterator[tuple[int, dict[str, Any]]]:
     import pyarrow.parquet as pq  # noqa: PLC0415  (heavy import, only for Parquet)
 
     try:
         parquet = pq.ParquetFile(path)
     except Exception as err:  # pyarrow raises several unrelated types for a bad file
-        raise ManifestError(path, f"not a readable Parquet file: {err}") from None
+        raise ManifestError(source, f"not a readable Parquet file: {err}") from None
     number = 0
     for batch in parquet.iter_batches(batch_size=8192):
         for row in batch.to_pylist():

@@ -1,0 +1,126 @@
+"""The storage layer against a real S3-compatible server (SeaweedFS) started by the tests, and locally."""
+
+import os
+
+import pytest
+
+from captioning.bundle import load_bundle
+from captioning.manifest import read_manifest
+from captioning.seaweed import PORT_FLAGS, RAY_WORKER_PORTS, SeaweedServer
+from captioning.storage import Storage, StorageError
+
+
+@pytest.fixture(scope="module")
+def seaweed(tmp_path_factory):
+    server = SeaweedServer(tmp_path_factory.mktemp("seaweed"))
+    with server:
+        server.create_bucket("captions")
+        yield server
+    assert server.process.poll() is not None  # stopped
+
+
+@pytest.fixture
+def s3(seaweed):
+    return Storage(client=seaweed.client())
+
+
+def test_every_port_is_explicit_and_outside_rays_range(seaweed):
+    assert set(seaweed.ports) == set(PORT_FLAGS)
+    assert not any(port in RAY_WORKER_PORTS for port in seaweed.ports.values())
+    args = " ".join(seaweed.process.args)
+    assert all(f"-{flag}={port}" in args for flag, port in seaweed.ports.items())
+    assert seaweed.secret_key not in args  # the secret goes by environment, not the command line
+
+
+def test_round_trip_content_type_and_listing(s3, seaweed):
+    s3.write_bytes("s3://captions/a/x.json", b'{"k": 1}')
+    s3.write_bytes("s3://captions/a/b/y.bin", b"\x00\x01", content_type="application/x-test")
+    assert s3.read_bytes("s3://captions/a/x.json") == b'{"k": 1}'
+    head = seaweed.client().head_object(Bucket="captions", Key="a/x.json")
+    assert head["ContentType"] == "application/json"
+    assert seaweed.client().head_object(Bucket="captions", Key="a/b/y.bin")["ContentType"] == "application/x-test"
+    assert s3.list("s3://captions/a/") == ["s3://captions/a/b/y.bin", "s3://captions/a/x.json"]
+    assert s3.exists("s3://captions/a/x.json") and not s3.exists("s3://captions/a/nope")
+
+
+def test_multipart_upload_above_the_threshold(seaweed, tmp_path):
+    from captioning.storage import StorageConfig
+
+    storage = Storage(StorageConfig(multipart_threshold=5 * 1024 * 1024), client=seaweed.client())
+    data = os.urandom(11 * 1024 * 1024)
+    (tmp_path / "big.bin").write_bytes(data)
+    storage.upload_file(tmp_path / "big.bin", "s3://captions/big.bin")
+    head = seaweed.client().head_object(Bucket="captions", Key="big.bin")
+    assert head["ETag"].strip('"').endswith("-3")  # three parts of 5 MiB, 5 MiB and 1 MiB
+    assert storage.download_file("s3://captions/big.bin", tmp_path / "back.bin").read_bytes() == data
+
+
+def test_wrong_secret_is_refused(seaweed):
+    import boto3
+    from botocore.config import Config
+
+    client = boto3.client("s3", endpoint_url=seaweed.endpoint, region_name="us-east-1",
+                          aws_access_key_id=seaweed.access_key, aws_secret_access_key="not-the-secret",
+                          config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}))
+    with pytest.raises(StorageError) as err:
+        Storage(client=client).write_bytes("s3://captions/intruder", b"x")
+    assert err.value.reason == "access_denied" and "not-the-secret" not in str(err.value)
+    assert not Storage(client=seaweed.client()).exists("s3://captions/intruder")
+
+
+def test_missing_object_names_the_uri(s3):
+    with pytest.raises(StorageError, match="s3://captions/none.txt: not found"):
+        s3.read_bytes("s3://captions/none.txt")
+
+
+def test_bundle_and_manifest_load_from_s3(s3, trained_bundle, synthetic_data, tmp_path):
+    for name in ("bundle.json", "vocabulary.json", "decoder.weights.h5", "backbone.weights.h5"):
+        s3.upload_file(trained_bundle / name, f"s3://captions/models/m1/{name}")
+    local = load_bundle(trained_bundle)
+    remote = load_bundle("s3://captions/models/m1", storage=s3)
+    assert remote.version == local.version
+    s3.write_bytes("s3://captions/m/test.jsonl", synthetic_data["test"].read_bytes())
+    manifest = read_manifest("s3://captions/m/test.jsonl", storage=s3)
+    assert len(manifest.examples) == len(read_manifest(synthetic_data["test"]).examples)
+    assert manifest.source == "s3://captions/m/test.jsonl"
+
+
+def test_local_paths_and_file_uris(tmp_path):
+    storage = Storage()
+    storage.write_bytes(f"file://{tmp_path}/d/x.txt", b"hi")
+    assert storage.read_bytes(str(tmp_path / "d" / "x.txt")) == b"hi"
+    assert storage.list(str(tmp_path)) == [str(tmp_path / "d" / "x.txt")]
+    assert not list((tmp_path / "d").glob(".tmp-*"))
+
+
+def test_storage_serve_command_runs_until_sigterm(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "captioning.cli", "storage", "serve", "--dir", str(tmp_path),
+                             "--bucket", "outputs"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        deadline = time.monotonic() + 90
+        while "S3 endpoint" not in line and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+        assert "S3 endpoint" in line, proc.stderr.read() if proc.poll() is not None else "no start line"
+        env = dict(line.removeprefix("export ").split("=", 1)
+                   for line in (tmp_path / "credentials.env").read_text().splitlines())
+        assert env["AWS_SECRET_ACCESS_KEY"] not in line  # the secret is in the 0600 file, not the log
+        assert (tmp_path / "credentials.env").stat().st_mode & 0o077 == 0
+        import boto3
+        from botocore.config import Config
+
+        client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                              aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                              aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+                              config=Config(s3={"addressing_style": "path"}))
+        Storage(client=client).write_bytes("s3://outputs/x.txt", b"ok")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    assert "weed" not in subprocess.run(["pgrep", "-af", f"weed mini -dir={tmp_path}"], capture_output=True,
+                                        text=True).stdout

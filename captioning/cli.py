@@ -61,13 +61,16 @@ def _generation_config(args: argparse.Namespace, attention: bool):  # noqa: ANN2
 def _network_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-private-networks", action="store_true",
                         help="let URLs reach private, loopback and link-local addresses (off by default)")
+    parser.add_argument("--allow-network", action="append", default=[], metavar="CIDR",
+                        help="let URLs reach this private network only (repeatable), e.g. 127.0.0.1/32")
     parser.add_argument("--timeout", type=float, default=15.0, help="read timeout per request, seconds")
     parser.add_argument("--s3-endpoint", default=None,
                         help="S3-compatible endpoint for s3:// URIs (default: AWS_ENDPOINT_URL or AWS itself)")
 
 
 def _fetch_config(args: argparse.Namespace) -> FetchConfig:
-    return FetchConfig(read_timeout=args.timeout, allow_private_networks=args.allow_private_networks)
+    return FetchConfig(read_timeout=args.timeout, allow_private_networks=args.allow_private_networks,
+                       allowed_networks=tuple(args.allow_network))
 
 
 def _storage(args: argparse.Namespace):  # noqa: ANN202
@@ -141,6 +144,27 @@ def build_parser() -> argparse.ArgumentParser:
     _manifest_args(evaluate)
     _generation_args(evaluate)
     _network_args(evaluate)
+
+    batch = commands.add_parser("batch", help="caption a URL manifest on Ray Data into local or S3 storage")
+    batch.add_argument("--manifest", required=True, help="CSV/TSV/JSONL/Parquet or Conceptual Captions TSV (local/S3)")
+    batch.add_argument("--model", required=True, help="model bundle directory or s3:// prefix")
+    batch.add_argument("--output", required=True, help="output directory or s3:// prefix")
+    batch.add_argument("--format", default="auto")
+    batch.add_argument("--url-column", default="url")
+    batch.add_argument("--id-column", default=None)
+    batch.add_argument("--caption-column", default="caption", help="reference caption, kept in the output")
+    batch.add_argument("--shard-size", type=int, default=256, help="rows per committed output shard")
+    batch.add_argument("--actors", type=int, default=1, help="captioning actors (each loads the model once)")
+    batch.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per captioning actor")
+    batch.add_argument("--fetch-threads", type=int, default=32, help="concurrent requests per fetch task")
+    batch.add_argument("--no-attention", action="store_true", help="skip attention maps")
+    batch.add_argument("--attention-png", type=int, default=0, metavar="N",
+                       help="also write overlay PNGs for the first N manifest rows")
+    batch.add_argument("--retry-failed", action="store_true", help="redo only rows with transient failures")
+    batch.add_argument("--address", default=None, help="Ray cluster address (default: local Ray in-process)")
+    batch.add_argument("--no-progress", action="store_true")
+    _generation_args(batch)
+    _network_args(batch)
 
     storage = commands.add_parser("storage", help="local S3-compatible storage").add_subparsers(
         dest="action", required=True)
@@ -262,6 +286,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 1 if report["failures"] else 0
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    """captioning batch: dispatches to the Ray job."""
+    from captioning.bulk import BulkConfig  # noqa: PLC0415
+    from captioning.manifest import ManifestSpec  # noqa: PLC0415
+    from captioning.storage import StorageConfig  # noqa: PLC0415
+    from jobs.batch import run  # noqa: PLC0415
+
+    config = BulkConfig(
+        manifest=args.manifest, model=args.model, output=args.output,
+        spec=ManifestSpec(args.format, args.url_column, args.caption_column, args.id_column),
+        shard_size=args.shard_size, batch_size=args.batch_size, actors=args.actors, num_gpus=args.num_gpus,
+        fetch_threads=args.fetch_threads, attention=not args.no_attention, attention_png=args.attention_png,
+        retry_failed=args.retry_failed, precision=args.precision, fetch=_fetch_config(args),
+        generation=_generation_config(args, attention=not args.no_attention),
+        storage=StorageConfig(s3_endpoint=args.s3_endpoint),
+    )
+    run(config, address=args.address, log=_log, progress=not args.no_progress)
+    return 0  # every row is committed; failed rows are output rows with their status, not a failed job
+
+
 def cmd_storage(args: argparse.Namespace) -> int:
     """captioning storage serve: SeaweedFS until Ctrl+C or SIGTERM; the secret goes to a 0600 file, not the log."""
     import signal  # noqa: PLC0415
@@ -304,7 +348,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"data": cmd_data, "train": cmd_train, "caption": cmd_caption, "evaluate": cmd_evaluate,
-            "storage": cmd_storage, "demo": cmd_demo}
+            "batch": cmd_batch, "storage": cmd_storage, "demo": cmd_demo}
 
 if __name__ == "__main__":
     sys.exit(main())

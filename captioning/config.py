@@ -46,6 +46,7 @@ class FetchConfig:
     max_redirects: int = 5
     user_agent: str = "captioning/0.1 (+https://github.com/captioning/captioning; batch image captioner)"
     allow_private_networks: bool = False
+    allowed_networks: tuple[str, ...] = ()  # CIDRs let through the guard, e.g. ("127.0.0.1/32",) for a test server
     respect_robots_header: bool = True
 
 

@@ -61,6 +61,7 @@ class Fetcher:
     def __init__(self, config: FetchConfig | None = None) -> None:
         self.config = config or FetchConfig()
         self._pools: dict[tuple[str, str, int, str], urllib3.HTTPConnectionPool] = {}
+        self._allowed = [ipaddress.ip_network(net, strict=False) for net in self.config.allowed_networks]
         self._lock = threading.Lock()
 
     def get(self, url: str) -> Fetched:
@@ -197,7 +198,7 @@ class Fetcher:
         if not self.config.allow_private_networks:
             for address in addresses:
                 why = blocked_reason(address)
-                if why:
+                if why and not any(ipaddress.ip_address(address) in net for net in self._allowed):
                     raise FetchError(
                         url, f"{host} resolves to {why} address {address}; pass --allow-private-networks to allow",
                         "blocked_address",

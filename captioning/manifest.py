@@ -66,8 +66,19 @@ def stable_id(image: str) -> str:
     return hashlib.sha1(image.encode("utf-8")).hexdigest()[:16]
 
 
-def read_manifest(path: str | Path, spec: ManifestSpec | None = None, storage: Storage | None = None) -> Manifest:
-    """Read a whole manifest (local, file:// or s3://), grouping rows by image; bad rows become Manifest.errors."""
+@dataclass(frozen=True)
+class Row:
+    """One manifest row as it stands (no grouping): what bulk jobs emit exactly one output row for."""
+
+    row: int
+    id: str
+    image: str
+    captions: tuple[str, ...]
+    error: ManifestError | None = None
+
+
+def iter_rows(path: str | Path, spec: ManifestSpec | None = None, storage: Storage | None = None) -> Iterator[Row]:
+    """Stream the rows of a manifest (local, file:// or s3://); a malformed row comes with its error set."""
     spec = spec or ManifestSpec()
     source = str(path)
     local = str(local_path(source))
@@ -83,24 +94,33 @@ def read_manifest(path: str | Path, spec: ManifestSpec | None = None, storage: S
         spec = ManifestSpec(fmt, image_column="url", caption_column="caption", id_column=spec.id_column)
     # Relative image paths are relative to the manifest, wherever it lives.
     base = source.rsplit("/", 1)[0] + "/" if is_s3(source) else str(Path(local).resolve().parent) + "/"
-    manifest = Manifest(source)
-    by_image: dict[str, int] = {}
     for row_number, row in _rows(local, fmt, source):
         try:
             if "_error" in row:
                 raise ValueError(row["_error"])
             image, captions, row_id = _parse(row, spec)
         except ValueError as err:
-            manifest.errors.append(ManifestError(f"{source}:{row_number}", str(err), "bad_row"))
+            error = ManifestError(f"{source}:{row_number}", str(err), "bad_row")
+            yield Row(row_number, f"row-{row_number}", "", (), error)
             continue
         if not is_url(image) and not is_s3(image) and not Path(image).is_absolute():
             image = base + image
-        if image in by_image:
-            old = manifest.examples[by_image[image]]
-            manifest.examples[by_image[image]] = Example(old.id, old.image, old.captions + captions, old.row)
+        yield Row(row_number, row_id or stable_id(image), image, captions)
+
+
+def read_manifest(path: str | Path, spec: ManifestSpec | None = None, storage: Storage | None = None) -> Manifest:
+    """Read a whole manifest, grouping rows by image; malformed rows become Manifest.errors."""
+    manifest = Manifest(str(path))
+    by_image: dict[str, int] = {}
+    for row in iter_rows(path, spec, storage):
+        if row.error:
+            manifest.errors.append(row.error)
+        elif row.image in by_image:
+            old = manifest.examples[by_image[row.image]]
+            manifest.examples[by_image[row.image]] = Example(old.id, old.image, old.captions + row.captions, old.row)
         else:
-            by_image[image] = len(manifest.examples)
-            manifest.examples.append(Example(row_id or stable_id(image), image, captions, row_number))
+            by_image[row.image] = len(manifest.examples)
+            manifest.examples.append(Example(row.id, row.image, row.captions, row.row))
     return manifest
 
 

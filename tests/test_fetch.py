@@ -110,3 +110,11 @@ def test_download_streams_to_file_and_can_stop_after_lines(http_server, tmp_path
     path = fetcher.download(http_server.url("/t.tsv"), tmp_path / "t.tsv", max_bytes=10**6, max_lines=7)
     assert path.read_text().count("\n") == 7 and path.read_text().endswith("http://x/6\n")
     assert not (tmp_path / "t.tsv.part").exists()
+
+
+def test_allowed_networks_let_through_only_those_addresses(http_server):
+    http_server.routes["/a"] = Reply(200, b"fine")
+    fetcher = Fetcher(FetchConfig(retries=0, allowed_networks=("127.0.0.1/32",)))
+    assert fetcher.get(http_server.url("/a")).data == b"fine"
+    assert reason(fetcher, f"http://127.0.0.2:{http_server.port}/a") == "blocked_address"
+    assert http_server.hits["/a"] == 1

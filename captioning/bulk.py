@@ -1,0 +1,274 @@
+"""Bulk captioning stages, each a plain function or callable class (Ray Data wires them in jobs/batch.py).
+
+Layout under the output URI:
+  _input/shard-NNNNN.jsonl     the manifest rows of each shard (written by plan_shards; input of fetch)
+  captions/shard-NNNNN.parquet one row per input row: id, url, caption, score, status, ...
+  attention/shard-NNNNN.npy    float16 (words, 7, 7) maps of the shard, rows address them by offset/length
+  _committed/shard-NNNNN.json  commit marker, written last: a shard without one is redone on rerun
+  attention-png/<id>.png       optional overlays for the first --attention-png rows
+  _SUCCESS.json                summary of the run
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+
+from captioning.config import FetchConfig, ImageConfig
+from captioning.errors import CaptioningError
+from captioning.fetch import TRANSIENT_REASONS, Fetcher
+from captioning.generate import GenerationConfig
+from captioning.images import decode_image, read_source
+from captioning.manifest import ManifestSpec, iter_rows
+from captioning.storage import Storage, StorageConfig
+
+SCHEMA_FIELDS = ("row", "id", "url", "caption", "score", "status", "error", "width", "height", "fetch_seconds",
+                 "inference_seconds", "model_version", "reference", "attention_file", "attention_offset",
+                 "attention_length")
+
+
+@dataclass(frozen=True)
+class BulkConfig:
+    """Everything one bulk run needs; built by the CLI, shipped to every stage."""
+
+    manifest: str
+    model: str
+    output: str
+    spec: ManifestSpec = field(default_factory=lambda: ManifestSpec(image_column="url"))
+    shard_size: int = 256
+    batch_size: int = 64
+    actors: int = 1
+    num_gpus: float = 0.0
+    fetch_threads: int = 32
+    attention: bool = True
+    attention_png: int = 0
+    retry_failed: bool = False
+    precision: str = "auto"
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+
+def uri(output: str, *parts: str) -> str:
+    """Join an output URI and path parts."""
+    return "/".join([output.rstrip("/"), *parts])
+
+
+def shard_name(shard: int) -> str:
+    """File stem of a shard."""
+    return f"shard-{shard:05d}"
+
+
+def plan_shards(config: BulkConfig, storage: Storage) -> tuple[list[int], int]:
+    """Stream the manifest into per-shard input files; returns the shards to process and the total row count.
+
+    A committed shard is skipped, unless retry_failed is set and it holds transient failures.
+    """
+    committed = {name.rsplit("/", 1)[-1].removesuffix(".json") for name in storage.list(uri(config.output, "_committed"))
+                 if name.endswith(".json")}
+    todo, rows, batch, shard = [], 0, [], 0
+
+    def flush(shard: int, batch: list[dict]) -> None:
+        name = shard_name(shard)
+        if name in committed:
+            if config.retry_failed and _has_transient(config, storage, shard):
+                todo.append(shard)
+            return
+        storage.write_bytes(uri(config.output, "_input", f"{name}.jsonl"),
+                            "".join(json.dumps(r) + "\n" for r in batch).encode(), "application/jsonl")
+        todo.append(shard)
+
+    for row in iter_rows(config.manifest, config.spec, storage):
+        batch.append({"row": row.row, "id": row.id, "url": row.image,
+                      "reference": row.captions[0] if row.captions else None,
+                      "error": str(row.error) if row.error else None})
+        rows += 1
+        if len(batch) == config.shard_size:
+            flush(shard, batch)
+            batch, shard = [], shard + 1
+    if batch:
+        flush(shard, batch)
+    return todo, rows
+
+
+def _has_transient(config: BulkConfig, storage: Storage, shard: int) -> bool:
+    marker = json.loads(storage.read_bytes(uri(config.output, "_committed", f"{shard_name(shard)}.json")))
+    return any(status in TRANSIENT_REASONS for status in marker["statuses"])
+
+
+def fetch_shard(item: dict[str, Any], config: BulkConfig) -> dict[str, Any]:
+    """Fetch and decode every row of one shard, many requests at once; failures become row statuses."""
+    storage = Storage(config.storage)
+    shard = int(item["shard"])
+    rows = [json.loads(line) for line in
+            storage.read_bytes(uri(config.output, "_input", f"{shard_name(shard)}.jsonl")).decode().splitlines()]
+    keep: dict[int, dict] = {}
+    attempt = 0
+    marker = uri(config.output, "_committed", f"{shard_name(shard)}.json")
+    if config.retry_failed and storage.exists(marker):
+        attempt = json.loads(storage.read_bytes(marker)).get("attempt", 0) + 1
+        previous = _read_previous(config, storage, shard)
+        keep = {r["row"]: r for r in previous if r["status"] not in TRANSIENT_REASONS}
+    fetcher = Fetcher(config.fetch)
+
+    def load(row: dict) -> tuple[dict, np.ndarray | None]:
+        out = {**row, "status": "ok", "error": None, "width": None, "height": None, "fetch_seconds": 0.0}
+        if row["error"]:
+            return {**out, "status": "bad_row", "error": row["error"]}, None
+        start = time.monotonic()
+        try:
+            data = read_source(row["url"], fetcher, storage)
+            out["fetch_seconds"] = time.monotonic() - start
+            image, (width, height) = decode_image(data, row["url"], config.image), _size(data)
+            return {**out, "width": width, "height": height}, image
+        except CaptioningError as err:
+            return {**out, "status": err.reason, "error": str(err), "fetch_seconds": time.monotonic() - start}, None
+
+    todo = [r for r in rows if r["row"] not in keep]
+    with ThreadPoolExecutor(config.fetch_threads) as pool:
+        loaded = list(pool.map(load, todo))
+    images = [image for _, image in loaded if image is not None]
+    return {
+        "shard": shard,
+        "attempt": attempt,
+        "rows": json.dumps([meta for meta, _ in loaded]),
+        "kept": json.dumps(list(keep.values())),
+        "images": np.stack(images).tobytes() if images else b"",
+        "image_count": len(images),
+    }
+
+
+def _size(data: bytes) -> tuple[int, int]:
+    from PIL import Image  # noqa: PLC0415
+
+    with Image.open(io.BytesIO(data)) as image:
+        return image.size
+
+
+def _read_previous(config: BulkConfig, storage: Storage, shard: int) -> list[dict]:
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    data = storage.read_bytes(uri(config.output, "captions", f"{shard_name(shard)}.parquet"))
+    return pq.read_table(io.BytesIO(data)).to_pylist()
+
+
+class CaptionShard:
+    """Actor-side stage: loads the bundle once, then captions each shard's decoded images in batches."""
+
+    def __init__(self, config: BulkConfig) -> None:
+        from captioning.bundle import load_bundle  # noqa: PLC0415  (TensorFlow only inside the actors)
+        from captioning.generate import Generator  # noqa: PLC0415
+
+        self.config = config
+        self.bundle = load_bundle(config.model, precision=config.precision, storage=Storage(config.storage))
+        generation = GenerationConfig(**{**asdict(config.generation), "attention": config.attention})
+        self.generator = Generator(self.bundle.model, generation)
+
+    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
+        size = self.config.image.size
+        count = int(item["image_count"])
+        images = np.frombuffer(item["images"], np.uint8).reshape(count, size, size, 3) if count else None
+        rows = json.loads(item["rows"])
+        good = [r for r in rows if r["status"] == "ok"]
+        maps: list[np.ndarray] = []
+        offset = 0
+        for start in range(0, count, self.config.batch_size):
+            began = time.monotonic()
+            out = self.generator(self.bundle.backbone(images[start : start + self.config.batch_size]))
+            seconds = (time.monotonic() - began) / len(out.captions)
+            for i, caption in enumerate(out.captions):
+                row = good[start + i]
+                row.update(caption=caption, score=float(out.scores[i]), inference_seconds=seconds)
+                if out.attention is not None:
+                    attention = out.attention[i].astype(np.float16)
+                    row.update(attention_offset=offset, attention_length=len(attention))
+                    maps.append(attention)
+                    offset += len(attention)
+                    if row["row"] <= self.config.attention_png:
+                        self._overlay(images[start + i], caption, out.attention[i], row["id"])
+        attention = np.concatenate(maps) if maps else np.zeros((0, 7, 7), np.float16)
+        buffer = io.BytesIO()
+        np.save(buffer, attention, allow_pickle=False)
+        return {"shard": item["shard"], "attempt": item["attempt"], "rows": json.dumps(rows), "kept": item["kept"],
+                "attention": buffer.getvalue(), "model_version": self.bundle.version}
+
+
+    def _overlay(self, image: np.ndarray, caption: str, attention: np.ndarray, row_id: str) -> None:
+        from captioning.plots import plot_attention  # noqa: PLC0415
+
+        buffer = io.BytesIO()
+        plot_attention(image, caption.split(), attention, buffer, caption)
+        # Idempotent: a redone shard rewrites the same file.
+        Storage(self.config.storage).write_bytes(uri(self.config.output, "attention-png", f"{row_id}.png"),
+                                                 buffer.getvalue(), "image/png")
+
+
+def write_shard(item: dict[str, Any], config: BulkConfig) -> dict[str, Any]:
+    """Write a shard's Parquet and attention file, then its commit marker; returns the shard's counts."""
+    import pyarrow as pa  # noqa: PLC0415
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    storage = Storage(config.storage)
+    shard, name = int(item["shard"]), shard_name(int(item["shard"]))
+    attempt = int(item["attempt"])
+    # Each retry writes its own attention file: rows kept from earlier attempts still point into theirs.
+    attention_file = f"attention/{name}.npy" if attempt == 0 else f"attention/{name}.r{attempt}.npy"
+    fresh = []
+    for row in json.loads(item["rows"]):
+        has_map = row.get("attention_length") is not None
+        fresh.append({**{k: None for k in SCHEMA_FIELDS}, **row, "model_version": item["model_version"],
+                      "attention_file": attention_file if has_map else None})
+    rows = sorted(json.loads(item["kept"]) + fresh, key=lambda r: r["row"])
+    rows = [{k: r.get(k) for k in SCHEMA_FIELDS} for r in rows]
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA), buffer)
+    # Data first, marker last: a crash in between leaves a shard that the next run simply redoes.
+    if fresh and any(r["attention_file"] for r in fresh):
+        storage.write_bytes(uri(config.output, attention_file), item["attention"], "application/octet-stream")
+    storage.write_bytes(uri(config.output, "captions", f"{name}.parquet"), buffer.getvalue())
+    statuses = [r["status"] for r in rows]
+    marker = {"shard": shard, "rows": len(rows), "statuses": statuses, "model_version": item["model_version"],
+              "attempt": attempt, "committed": time.time()}
+    storage.write_bytes(uri(config.output, "_committed", f"{name}.json"), json.dumps(marker).encode())
+    return {"shard": shard, "rows": len(rows), "ok": statuses.count("ok"), "failed": len(rows) - statuses.count("ok"),
+            "fresh": len(fresh)}
+
+
+def _schema():  # noqa: ANN202
+    import pyarrow as pa  # noqa: PLC0415
+
+    return pa.schema([("row", pa.int64()), ("id", pa.string()), ("url", pa.string()), ("caption", pa.string()),
+                      ("score", pa.float32()), ("status", pa.string()), ("error", pa.string()),
+                      ("width", pa.int32()), ("height", pa.int32()), ("fetch_seconds", pa.float32()),
+                      ("inference_seconds", pa.float32()), ("model_version", pa.string()),
+                      ("reference", pa.string()), ("attention_file", pa.string()), ("attention_offset", pa.int64()),
+                      ("attention_length", pa.int32())])
+
+
+OUTPUT_SCHEMA = _schema()
+
+
+def read_output(output: str, storage: Storage | None = None) -> Iterator[dict]:
+    """Every committed output row, shard by shard (what users and tests read back)."""
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    storage = storage or Storage()
+    for marker in storage.list(uri(output, "_committed")):
+        name = marker.rsplit("/", 1)[-1].removesuffix(".json")
+        yield from pq.read_table(io.BytesIO(storage.read_bytes(uri(output, "captions", f"{name}.parquet")))).to_pylist()
+
+
+def attention_for(row: dict, output: str, storage: Storage | None = None) -> np.ndarray | None:
+    """The (words, 7, 7) attention maps of one output row."""
+    if not row.get("attention_file"):
+        return None
+    maps = np.load(io.BytesIO((storage or Storage()).read_bytes(uri(output, row["attention_file"]))),
+                   allow_pickle=False)
+    return maps[row["attention_offset"] : row["attention_offset"] + row["attention_length"]]

@@ -1,0 +1,1 @@
+"""Ray jobs built on the captioning library."""

@@ -1,0 +1,79 @@
+"""Bulk captioning on Ray Data: manifest -> plan shards -> fetch/decode tasks -> caption actors -> write + commit."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections import Counter
+from typing import Callable
+
+from tqdm import tqdm
+
+from captioning.bulk import BulkConfig, CaptionShard, fetch_shard, plan_shards, uri, write_shard
+from captioning.errors import CaptioningError
+from captioning.storage import Storage
+
+
+def run(config: BulkConfig, address: str | None = None, log: Callable[[str], None] = print,
+        progress: bool = True) -> dict:
+    """Caption every manifest row into config.output exactly once; returns the _SUCCESS summary."""
+    import ray  # noqa: PLC0415
+
+    started = time.monotonic()
+    storage = Storage(config.storage)
+    todo, total_rows = plan_shards(config, storage)
+    shards_total = -(-total_rows // config.shard_size)
+    log(f"{total_rows} rows in {shards_total} shards; {len(todo)} to process"
+        + (" (retrying transient failures)" if config.retry_failed else ""))
+    fresh = Counter()
+    if todo:
+        if not ray.is_initialized():
+            # Local Ray in-process by default; workers inherit this environment (AWS settings included).
+            ray.init(address=address, include_dashboard=bool(address), logging_level="ERROR",
+                     log_to_driver=False, configure_logging=False)
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False  # one bar of our own, with rows and images/s
+        items = ray.data.from_items([{"shard": shard} for shard in todo], override_num_blocks=len(todo))
+        fetched = items.map(fetch_shard, fn_kwargs={"config": config}, num_cpus=0.25)
+        captioned = fetched.map(CaptionShard, fn_constructor_kwargs={"config": config}, num_cpus=1,
+                                num_gpus=config.num_gpus or None,
+                                compute=ray.data.ActorPoolStrategy(size=config.actors))
+        written = captioned.map(write_shard, fn_kwargs={"config": config}, num_cpus=0.25)
+        bar = tqdm(total=sum(1 for _ in todo) * config.shard_size, desc="captioning", unit="row",
+                   disable=not progress, file=sys.stderr)
+        for summary in written.iter_rows():
+            fresh.update({"rows": summary["fresh"], "ok": summary["ok"], "failed": summary["failed"]})
+            bar.update(summary["fresh"])
+            rate = fresh["rows"] / max(time.monotonic() - started, 1e-9)
+            bar.set_postfix(ok=fresh["ok"], failed=fresh["failed"], rows_per_s=f"{rate:.1f}")
+        bar.close()
+    summary = summarise(config, storage, total_rows, shards_total, fresh["rows"], time.monotonic() - started)
+    log(f"{summary['rows']} rows: " + ", ".join(f"{k} {v}" for k, v in summary["statuses"].items())
+        + f"; {summary['rows_per_second']:.1f} rows/s this run; output {config.output}")
+    return summary
+
+
+def summarise(config: BulkConfig, storage: Storage, total_rows: int, shards_total: int, processed: int,
+              seconds: float) -> dict:
+    """Check every shard is committed with every row, then write _SUCCESS.json."""
+    markers = [json.loads(storage.read_bytes(m)) for m in storage.list(uri(config.output, "_committed"))]
+    rows = sum(m["rows"] for m in markers)
+    if len(markers) != shards_total or rows != total_rows:
+        raise CaptioningError(config.output, f"{len(markers)}/{shards_total} shards and {rows}/{total_rows} rows "
+                              "committed; rerun the same command to finish")
+    statuses = Counter(status for m in markers for status in m["statuses"])
+    summary = {"rows": rows, "shards": shards_total, "statuses": dict(statuses.most_common()),
+               "rows_processed_this_run": processed, "wall_seconds": seconds,
+               "rows_per_second": processed / seconds if seconds else 0.0,
+               "model_versions": sorted({m["model_version"] for m in markers}), "manifest": config.manifest,
+               "model": config.model, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    storage.write_bytes(uri(config.output, "_SUCCESS.json"), json.dumps(summary, indent=2).encode())
+    return summary
+
+
+if __name__ == "__main__":  # `ray job submit -- python -m jobs.batch ...` goes through the same CLI
+    from captioning.cli import main  # noqa: PLC0415
+
+    sys.exit(main(["batch", *sys.argv[1:]]))

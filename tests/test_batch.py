@@ -1,0 +1,151 @@
+"""The bulk job end to end on local Ray: loopback images (good and bad), output locally and to SeaweedFS."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from captioning.bulk import BulkConfig, attention_for, read_output
+from captioning.config import FetchConfig
+from captioning.manifest import ManifestSpec
+from captioning.seaweed import SeaweedServer
+from captioning.storage import Storage
+from tests.conftest import LoopbackServer, Reply
+
+LOOPBACK_ONLY = FetchConfig(allowed_networks=("127.0.0.1/32",), retries=2, backoff=0.05, read_timeout=1.0)
+
+
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def bad_cases(server: LoopbackServer, good: bytes) -> dict[str, str]:
+    """Route -> expected status for every bad (or awkward) case the job must handle."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    server.routes.update({
+        "/flaky.jpg": lambda hit: Reply(500) if hit == 1 else Reply(200, good),
+        "/slow.jpg": Reply(200, good, delay=3.0),
+        "/loop1.jpg": Reply(302, headers={"Location": "/loop2.jpg"}),
+        "/loop2.jpg": Reply(302, headers={"Location": "/loop1.jpg"}),
+        "/page.jpg": Reply(200, b"<html>hello</html>", {"Content-Type": "image/jpeg"}),
+        "/cut.jpg": Reply(200, good[: len(good) // 3]),
+        "/bomb.png": Reply(200, encode(Image.new("1", (20000, 20000)), "PNG")),
+        "/gray.png": Reply(200, encode(Image.new("L", (50, 40), 128), "PNG")),
+        "/cmyk.jpg": Reply(200, encode(Image.new("CMYK", (50, 40), (0, 50, 100, 0)), "JPEG")),
+        "/rgba.png": Reply(200, encode(Image.new("RGBA", (50, 40), (10, 200, 10, 100)), "PNG")),
+        "/rotated.jpg": Reply(200, encode(Image.new("RGB", (60, 20), (200, 0, 0)), "JPEG", exif=exif)),
+    })
+    return {"/missing.jpg": "http_404", "/flaky.jpg": "ok", "/slow.jpg": "timeout", "/loop1.jpg": "redirect_loop",
+            "/page.jpg": "not_an_image", "/cut.jpg": "corrupt_image", "/bomb.png": "too_large", "/gray.png": "ok",
+            "/cmyk.jpg": "ok", "/rgba.png": "ok", "/rotated.jpg": "ok"}
+
+
+@pytest.fixture(scope="module")
+def served(synthetic_data):
+    server = LoopbackServer()
+    images = sorted((synthetic_data["test"].parent / "images" / "test").glob("*.jpg"))[:10]
+    for path in images:
+        server.routes[f"/img/{path.name}"] = Reply(200, path.read_bytes(), {"Content-Type": "image/jpeg"})
+    expected = {server.url(f"/img/{p.name}"): "ok" for p in images}
+    expected |= {server.url(route): status for route, status in bad_cases(server, images[0].read_bytes()).items()}
+    expected[f"http://127.0.0.2:{server.port}/private.jpg"] = "blocked_address"
+    yield server, expected
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def ray_local(tmp_path_factory):
+    """SeaweedFS plus local Ray whose workers inherit the S3 credentials from this environment."""
+    import os
+
+    import ray
+
+    seaweed = SeaweedServer(tmp_path_factory.mktemp("seaweed")).start()
+    seaweed.create_bucket("outputs")
+    saved = {k: os.environ.get(k) for k in seaweed.env()}
+    os.environ.update(seaweed.env())
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield seaweed
+    ray.shutdown()
+    seaweed.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def manifest_file(tmp_path, urls, with_bad_row=True):
+    lines = ["id,url,caption"] + [f"r{i},{url},reference {i}" for i, url in enumerate(urls)]
+    if with_bad_row:
+        lines.insert(3, "broken-row-without-url,,")
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    return str(tmp_path / "m.csv")
+
+
+def test_every_row_once_with_its_status_local_output(served, ray_local, trained_bundle, tmp_path):
+    from jobs.batch import run
+
+    server, expected = served
+    manifest = manifest_file(tmp_path, list(expected))
+    config = BulkConfig(manifest, str(trained_bundle), str(tmp_path / "out"), ManifestSpec(image_column="url", id_column="id"),
+                        shard_size=8, batch_size=4, fetch=LOOPBACK_ONLY, attention_png=3)
+    summary = run(config, log=lambda _: None, progress=False)
+    rows = list(read_output(str(tmp_path / "out")))
+    assert len(rows) == len(expected) + 1 == summary["rows"]  # the malformed row too
+    assert len({r["row"] for r in rows}) == len(rows)
+    by_url = {r["url"]: r for r in rows}
+    for url, status in expected.items():
+        assert by_url[url]["status"] == status, (url, by_url[url]["error"])
+    bad_row = next(r for r in rows if r["status"] == "bad_row")
+    assert bad_row["row"] == 4 and "url" in bad_row["error"]  # file line 4 (the header is line 1)
+    for row in rows:
+        if row["status"] == "ok":
+            maps = attention_for(row, str(tmp_path / "out"))
+            assert row["caption"] and maps.shape == (len(row["caption"].split()), 7, 7)
+            assert maps.dtype == np.float16 and np.allclose(maps.astype(np.float32).sum(axis=(1, 2)), 1, atol=1e-2)
+            assert row["reference"].startswith("reference") and row["model_version"]
+        else:
+            assert row["caption"] is None and row["error"]
+    assert by_url[next(u for u in expected if u.endswith("/rotated.jpg"))]["width"] == 60  # stored as sent
+    assert summary["statuses"]["ok"] == sum(1 for s in expected.values() if s == "ok")
+    success = json.loads((tmp_path / "out" / "_SUCCESS.json").read_text())
+    assert success["rows"] == len(rows)
+    assert len(list((tmp_path / "out" / "attention-png").glob("*.png"))) == 2  # lines 2 and 3: the first two rows
+
+    # A rerun finds every shard committed and touches nothing.
+    hits = sum(server.hits.values())
+    again = run(config, log=lambda _: None, progress=False)
+    assert again["rows_processed_this_run"] == 0 and sum(server.hits.values()) == hits
+
+    # --retry-failed redoes only the transient failures (the timeout), now that the server is fast.
+    server.routes["/slow.jpg"] = Reply(200, server.routes["/gray.png"].body)
+    retried = run(BulkConfig(**{**config.__dict__, "retry_failed": True}), log=lambda _: None, progress=False)
+    assert retried["rows_processed_this_run"] == 1
+    rows = list(read_output(str(tmp_path / "out")))
+    assert len(rows) == len(expected) + 1
+    assert next(r for r in rows if r["url"].endswith("/slow.jpg"))["status"] == "ok"
+    kept = next(r for r in rows if r["url"].endswith("/gray.png"))
+    assert attention_for(kept, str(tmp_path / "out")).shape[0] == len(kept["caption"].split())
+
+
+def test_output_to_seaweedfs(served, ray_local, trained_bundle, tmp_path):
+    from jobs.batch import run
+
+    server, expected = served
+    urls = [u for u, s in expected.items() if s == "ok"]
+    storage = Storage(client=ray_local.client())
+    storage.write_bytes("s3://outputs/in/m.csv", open(manifest_file(tmp_path, urls, False), "rb").read())
+    config = BulkConfig("s3://outputs/in/m.csv", str(trained_bundle), "s3://outputs/run1",
+                        ManifestSpec(image_column="url", id_column="id"), shard_size=5, batch_size=4, fetch=LOOPBACK_ONLY)
+    summary = run(config, log=lambda _: None, progress=False)
+    assert summary["rows"] == len(urls) and summary["statuses"] == {"ok": len(urls)}
+    rows = list(read_output("s3://outputs/run1", storage))
+    assert sorted(r["id"] for r in rows) == sorted(f"r{i}" for i in range(len(urls)))
+    assert storage.exists("s3://outputs/run1/_SUCCESS.json")
+    assert attention_for(rows[0], "s3://outputs/run1", storage).shape[1:] == (7, 7)

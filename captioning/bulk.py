@@ -86,7 +86,7 @@ def plan_shards(config: BulkConfig, storage: Storage) -> tuple[list[int], int]:
         todo.append(shard)
 
     for row in iter_rows(config.manifest, config.spec, storage):
-        batch.append({"row": row.row, "id": row.id, "url": row.image,
+        batch.append({"row": row.row, "index": rows, "id": row.id, "url": row.image,
                       "reference": row.captions[0] if row.captions else None,
                       "error": str(row.error) if row.error else None})
         rows += 1
@@ -191,7 +191,7 @@ class CaptionShard:
                     row.update(attention_offset=offset, attention_length=len(attention))
                     maps.append(attention)
                     offset += len(attention)
-                    if row["row"] <= self.config.attention_png:
+                    if row["index"] < self.config.attention_png:  # the first N data rows of the manifest
                         self._overlay(images[start + i], caption, out.attention[i], row["id"])
         attention = np.concatenate(maps) if maps else np.zeros((0, 7, 7), np.float16)
         buffer = io.BytesIO()

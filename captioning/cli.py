@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--bucket", action="append", default=[], help="bucket to create (repeatable)")
     serve.add_argument("--port", type=int, default=None, help="S3 port (default: a free one outside Ray's range)")
 
-    demo = commands.add_parser("demo", help="synthetic data -> train -> caption with attention -> evaluate")
+    demo = commands.add_parser("demo", help="synthetic data -> train -> caption -> evaluate -> bulk job (the main job)")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--train", type=int, default=3000)
     demo.add_argument("--val", type=int, default=150)
@@ -341,7 +341,7 @@ def _interrupt(*_: object) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job on embedded defaults until the bulk job exists."""
-    from captioning.demo import run_demo  # noqa: PLC0415
+    from jobs.demo import run_demo  # noqa: PLC0415
 
     run_demo(Path(args.out), args.train, args.val, args.test, args.epochs, args.seed, log=_log)
     return 0

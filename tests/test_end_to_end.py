@@ -24,3 +24,20 @@ def test_end_to_end(tmp_path, capsys):
     assert report["scores"]["images"] == 20 and report["failures"] == []
     assert report["model_version"] == json.loads((model / "bundle.json").read_text())["version"]
     assert "BLEU4" in capsys.readouterr().out
+
+
+def test_main_job_demo_runs_every_stage(tmp_path):
+    """The README's main command at small sizes: synthetic data, training, captions, evaluation, bulk job."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "captioning.cli", "demo", "--out", str(tmp_path), "--train", "120",
+                           "--val", "20", "--test", "12", "--epochs", "1"], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    for stage in ("1/5", "2/5", "3/5", "4/5", "5/5"):
+        assert stage in done.stdout
+    assert json.loads((tmp_path / "report.json").read_text())["scores"]["images"] == 12
+    assert len(list((tmp_path / "attention").glob("*.png"))) == 4
+    success = json.loads((tmp_path / "bulk" / "_SUCCESS.json").read_text())
+    assert success["rows"] == 12 and success["statuses"] == {"ok": 12}
+    assert len(list((tmp_path / "bulk" / "attention-png").glob("*.png"))) == 4

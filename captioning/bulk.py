@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from captioning.config import FetchConfig, ImageConfig
 from captioning.errors import CaptioningError
@@ -28,9 +30,15 @@ from captioning.images import decode_image, read_source
 from captioning.manifest import ManifestSpec, iter_rows
 from captioning.storage import Storage, StorageConfig
 
-SCHEMA_FIELDS = ("row", "id", "url", "caption", "score", "status", "error", "width", "height", "fetch_seconds",
-                 "inference_seconds", "model_version", "reference", "attention_file", "attention_offset",
-                 "attention_length")
+# One output row per input row; every shard is written with exactly this schema.
+OUTPUT_SCHEMA = pa.schema([
+    ("row", pa.int64()), ("id", pa.string()), ("url", pa.string()), ("caption", pa.string()),
+    ("score", pa.float32()), ("status", pa.string()), ("error", pa.string()), ("width", pa.int32()),
+    ("height", pa.int32()), ("fetch_seconds", pa.float32()), ("inference_seconds", pa.float32()),
+    ("model_version", pa.string()), ("reference", pa.string()), ("attention_file", pa.string()),
+    ("attention_offset", pa.int64()), ("attention_length", pa.int32()),
+])
+SCHEMA_FIELDS = tuple(OUTPUT_SCHEMA.names)
 
 
 @dataclass(frozen=True)
@@ -153,8 +161,6 @@ def _size(data: bytes) -> tuple[int, int]:
 
 
 def _read_previous(config: BulkConfig, storage: Storage, shard: int) -> list[dict]:
-    import pyarrow.parquet as pq  # noqa: PLC0415
-
     data = storage.read_bytes(uri(config.output, "captions", f"{shard_name(shard)}.parquet"))
     return pq.read_table(io.BytesIO(data)).to_pylist()
 
@@ -212,9 +218,6 @@ class CaptionShard:
 
 def write_shard(item: dict[str, Any], config: BulkConfig) -> dict[str, Any]:
     """Write a shard's Parquet and attention file, then its commit marker; returns the shard's counts."""
-    import pyarrow as pa  # noqa: PLC0415
-    import pyarrow.parquet as pq  # noqa: PLC0415
-
     storage = Storage(config.storage)
     shard, name = int(item["shard"]), shard_name(int(item["shard"]))
     attempt = int(item["attempt"])
@@ -241,24 +244,11 @@ def write_shard(item: dict[str, Any], config: BulkConfig) -> dict[str, Any]:
             "fresh": len(fresh)}
 
 
-def _schema():  # noqa: ANN202
-    import pyarrow as pa  # noqa: PLC0415
 
-    return pa.schema([("row", pa.int64()), ("id", pa.string()), ("url", pa.string()), ("caption", pa.string()),
-                      ("score", pa.float32()), ("status", pa.string()), ("error", pa.string()),
-                      ("width", pa.int32()), ("height", pa.int32()), ("fetch_seconds", pa.float32()),
-                      ("inference_seconds", pa.float32()), ("model_version", pa.string()),
-                      ("reference", pa.string()), ("attention_file", pa.string()), ("attention_offset", pa.int64()),
-                      ("attention_length", pa.int32())])
-
-
-OUTPUT_SCHEMA = _schema()
 
 
 def read_output(output: str, storage: Storage | None = None) -> Iterator[dict]:
     """Every committed output row, shard by shard (what users and tests read back)."""
-    import pyarrow.parquet as pq  # noqa: PLC0415
-
     storage = storage or Storage()
     for marker in storage.list(uri(output, "_committed")):
         name = marker.rsplit("/", 1)[-1].removesuffix(".json")

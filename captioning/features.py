@@ -15,7 +15,6 @@ import tensorflow as tf
 from einops import rearrange
 from tqdm import tqdm
 
-from captioning.config import ImageConfig
 from captioning.errors import CaptioningError
 
 
@@ -25,7 +24,6 @@ class BackboneSpec:
 
     build: Callable[..., keras.Model]
     channels: int
-    grid: int = 7
 
 
 BACKBONES: dict[str, BackboneSpec] = {

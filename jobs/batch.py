@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections import Counter
@@ -41,7 +40,7 @@ def run(config: BulkConfig, address: str | None = None, log: Callable[[str], Non
                                 num_gpus=config.num_gpus or None,
                                 compute=ray.data.ActorPoolStrategy(size=config.actors))
         written = captioned.map(write_shard, fn_kwargs={"config": config}, num_cpus=0.25)
-        bar = tqdm(total=sum(1 for _ in todo) * config.shard_size, desc="captioning", unit="row",
+        bar = tqdm(total=len(todo) * config.shard_size, desc="captioning", unit="row",
                    disable=not progress, file=sys.stderr)
         for summary in written.iter_rows():
             fresh.update({"rows": summary["fresh"], "ok": summary["ok"], "failed": summary["failed"]})

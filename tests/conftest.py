@@ -47,7 +47,8 @@ class LoopbackServer:
                 try:
                     self.send_response(reply.status)
                     for key, value in reply.headers.items():
-                        self.send_header(key, value)
+                        if value:  # an empty value leaves the header out (Content-Length: "" -> close-delimited)
+                            self.send_header(key, value)
                     if "Content-Length" not in reply.headers:
                         self.send_header("Content-Length", str(len(reply.body)))
                     self.end_headers()

@@ -1,8 +1,6 @@
 import json
 import shutil
 
-import pytest
-
 from captioning.cli import main
 
 

@@ -152,7 +152,9 @@ class Storage:
         """URIs of all files/objects under a prefix (a directory, or a key prefix ending in /)."""
         if not is_s3(prefix):
             root = local_path(prefix)
-            return sorted(str(p) for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+            # A temp file is a write in flight (or one a killed process left): never part of the listing.
+            return sorted(str(p) for p in root.rglob("*") if p.is_file() and not p.name.startswith(".tmp-")) \
+                if root.is_dir() else []
         bucket, key = split_s3(prefix)
         out = []
         with self._errors(prefix):

@@ -31,14 +31,14 @@ def test_kill_and_rerun_is_exactly_once(synthetic_data, trained_bundle, tmp_path
         first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and first.poll() is None:
-            committed = list((out / "_committed").glob("*.json")) if (out / "_committed").exists() else []
+            committed = list((out / "_committed").glob("shard-*.json")) if (out / "_committed").exists() else []
             if len(committed) >= 2:
                 break
             time.sleep(0.2)
         assert first.poll() is None, first.stdout.read().decode()[-2000:]  # still running: we kill it mid-run
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
-        committed_before = len(list((out / "_committed").glob("*.json")))
+        committed_before = len(list((out / "_committed").glob("shard-*.json")))
         assert 2 <= committed_before < 15
         assert not (out / "_SUCCESS.json").exists()
 

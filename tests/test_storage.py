@@ -89,6 +89,8 @@ def test_local_paths_and_file_uris(tmp_path):
     storage = Storage()
     storage.write_bytes(f"file://{tmp_path}/d/x.txt", b"hi")
     assert storage.read_bytes(str(tmp_path / "d" / "x.txt")) == b"hi"
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / ".tmp-y.txt").write_bytes(b"half written")  # what a killed writer leaves behind
     assert storage.list(str(tmp_path)) == [str(tmp_path / "d" / "x.txt")]
     assert not list((tmp_path / "d").glob(".tmp-*"))
 

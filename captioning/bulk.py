@@ -4,7 +4,8 @@ Layout under the output URI:
   _input/shard-NNNNN.jsonl     the manifest rows of each shard (written by plan_shards; input of fetch)
   captions/shard-NNNNN.parquet one row per input row: id, url, caption, score, status, ...
   attention/shard-NNNNN.npy    float16 (words, 7, 7) maps of the shard, rows address them by offset/length
-  _committed/shard-NNNNN.json  commit marker, written last: a shard without one is redone on rerun
+  _committed/shard-NNNNN.json  commit marker, written last: a shard without one is redone on rerun; it also
+                               holds the shard's stage timings (captioning/stage_timings.py)
   attention-png/<id>.png       optional overlays for the first --attention-png rows
   _SUCCESS.json                summary of the run
 """
@@ -25,16 +26,18 @@ import pyarrow.parquet as pq
 from captioning.config import FetchConfig, ImageConfig
 from captioning.errors import CaptioningError
 from captioning.fetch import TRANSIENT_REASONS, Fetcher
-from captioning.generate import GenerationConfig
+from captioning.config import GenerationConfig
 from captioning.images import decode_image, read_source
 from captioning.manifest import ManifestSpec, iter_rows
+from captioning.stage_timings import StageClock, merge
 from captioning.storage import Storage, StorageConfig
 
 # One output row per input row; every shard is written with exactly this schema.
 OUTPUT_SCHEMA = pa.schema([
     ("row", pa.int64()), ("id", pa.string()), ("url", pa.string()), ("caption", pa.string()),
     ("score", pa.float32()), ("status", pa.string()), ("error", pa.string()), ("width", pa.int32()),
-    ("height", pa.int32()), ("fetch_seconds", pa.float32()), ("inference_seconds", pa.float32()),
+    ("height", pa.int32()), ("fetch_seconds", pa.float32()), ("decode_seconds", pa.float32()),
+    ("inference_seconds", pa.float32()),
     ("model_version", pa.string()), ("reference", pa.string()), ("attention_file", pa.string()),
     ("attention_offset", pa.int64()), ("attention_length", pa.int32()),
 ])
@@ -50,10 +53,12 @@ class BulkConfig:
     output: str
     spec: ManifestSpec = field(default_factory=lambda: ManifestSpec(image_column="url"))
     shard_size: int = 256
-    batch_size: int = 64
+    batch_size: int | None = None  # None: the fastest size for the device (captioning/devices.py)
     actors: int = 1
+    inference_threads: int | None = None  # TensorFlow op threads per actor; None: all CPUs of its node
     num_gpus: float = 0.0
     fetch_threads: int = 32
+    buffered_shards: int = 8  # decoded shards held in Ray's object store per captioning actor: bounds memory
     attention: bool = True
     attention_png: int = 0
     retry_failed: bool = False
@@ -113,6 +118,7 @@ def _has_transient(config: BulkConfig, storage: Storage, shard: int) -> bool:
 
 def fetch_shard(item: dict[str, Any], config: BulkConfig) -> dict[str, Any]:
     """Fetch and decode every row of one shard, many requests at once; failures become row statuses."""
+    clock = StageClock()
     storage = Storage(config.storage)
     shard = int(item["shard"])
     rows = [json.loads(line) for line in
@@ -127,22 +133,28 @@ def fetch_shard(item: dict[str, Any], config: BulkConfig) -> dict[str, Any]:
     fetcher = Fetcher(config.fetch)
 
     def load(row: dict) -> tuple[dict, np.ndarray | None]:
-        out = {**row, "status": "ok", "error": None, "width": None, "height": None, "fetch_seconds": 0.0}
+        out = {**row, "status": "ok", "error": None, "width": None, "height": None, "fetch_seconds": 0.0,
+               "decode_seconds": 0.0}
         if row["error"]:
             return {**out, "status": "bad_row", "error": row["error"]}, None
-        start = time.monotonic()
+        start = time.perf_counter()
         try:
             data = read_source(row["url"], fetcher, storage)
-            out["fetch_seconds"] = time.monotonic() - start
+            out["fetch_seconds"] = time.perf_counter() - start
+            start = time.perf_counter()
             image, (width, height) = decode_image(data, row["url"], config.image), _size(data)
-            return {**out, "width": width, "height": height}, image
+            return {**out, "width": width, "height": height, "decode_seconds": time.perf_counter() - start}, image
         except CaptioningError as err:
-            return {**out, "status": err.reason, "error": str(err), "fetch_seconds": time.monotonic() - start}, None
+            spent = time.perf_counter() - start
+            return {**out, "status": err.reason, "error": str(err),
+                    **({"decode_seconds": spent} if out["fetch_seconds"] else {"fetch_seconds": spent})}, None
 
     todo = [r for r in rows if r["row"] not in keep]
     with ThreadPoolExecutor(config.fetch_threads) as pool:
         loaded = list(pool.map(load, todo))
     images = [image for _, image in loaded if image is not None]
+    for work in ("fetch", "decode"):
+        clock.add(work, sum(meta[f"{work}_seconds"] for meta, _ in loaded))
     return {
         "shard": shard,
         "attempt": attempt,
@@ -150,6 +162,7 @@ def fetch_shard(item: dict[str, Any], config: BulkConfig) -> dict[str, Any]:
         "kept": json.dumps(list(keep.values())),
         "images": np.stack(images).tobytes() if images else b"",
         "image_count": len(images),
+        "timing": json.dumps([["fetch", clock.finish()]]),
     }
 
 
@@ -170,14 +183,23 @@ class CaptionShard:
 
     def __init__(self, config: BulkConfig) -> None:
         from captioning.bundle import load_bundle  # noqa: PLC0415  (TensorFlow only inside the actors)
+        from captioning.devices import has_gpu, resolve_batch_size, use_cpu_threads  # noqa: PLC0415
         from captioning.generate import Generator  # noqa: PLC0415
 
+        self.started = time.time()
+        use_cpu_threads(config.inference_threads)  # before any TensorFlow op runs
         self.config = config
+        self.batch_size = resolve_batch_size(config.batch_size)
+        self._gpus = has_gpu()
         self.bundle = load_bundle(config.model, precision=config.precision, storage=Storage(config.storage))
         generation = GenerationConfig(**{**asdict(config.generation), "attention": config.attention})
         self.generator = Generator(self.bundle.model, generation)
+        # Trace now (once for every batch size), so no shard pays for tracing.
+        self.generator(self.bundle.backbone(np.zeros((1, config.image.size, config.image.size, 3), np.uint8)))
+        self.ready = time.time()
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
+        clock = StageClock()
         size = self.config.image.size
         count = int(item["image_count"])
         images = np.frombuffer(item["images"], np.uint8).reshape(count, size, size, 3) if count else None
@@ -185,10 +207,14 @@ class CaptionShard:
         good = [r for r in rows if r["status"] == "ok"]
         maps: list[np.ndarray] = []
         offset = 0
-        for start in range(0, count, self.config.batch_size):
-            began = time.monotonic()
-            out = self.generator(self.bundle.backbone(images[start : start + self.config.batch_size]))
-            seconds = (time.monotonic() - began) / len(out.captions)
+        for start in range(0, count, self.batch_size):
+            began = time.perf_counter()
+            with clock.measure("backbone"):
+                features = self.bundle.backbone(images[start : start + self.batch_size])
+                self._sync()
+            with clock.measure("decoder"):
+                out = self.generator(features)
+            seconds = (time.perf_counter() - began) / len(out.captions)
             for i, caption in enumerate(out.captions):
                 row = good[start + i]
                 row.update(caption=caption, score=float(out.scores[i]), inference_seconds=seconds)
@@ -202,9 +228,21 @@ class CaptionShard:
         attention = np.concatenate(maps) if maps else np.zeros((0, 7, 7), np.float16)
         buffer = io.BytesIO()
         np.save(buffer, attention, allow_pickle=False)
+        timing = [*json.loads(item["timing"]), ["caption", clock.finish()], ["actor_init", self.init_record]]
         return {"shard": item["shard"], "attempt": item["attempt"], "rows": json.dumps(rows), "kept": item["kept"],
-                "attention": buffer.getvalue(), "model_version": self.bundle.version}
+                "attention": buffer.getvalue(), "model_version": self.bundle.version, "timing": json.dumps(timing)}
 
+    @property
+    def init_record(self) -> dict:
+        """The actor's start-up (model load and tracing) as a stage record."""
+        return {"span": [self.started, self.ready], "seconds": {}}
+
+    def _sync(self) -> None:
+        # GPU kernels run asynchronously: wait for the backbone, or its time would show up as decoder time.
+        if self._gpus:
+            import tensorflow as tf  # noqa: PLC0415
+
+            tf.test.experimental.sync_devices()
 
     def _overlay(self, image: np.ndarray, caption: str, attention: np.ndarray, row_id: str) -> None:
         from captioning.plots import plot_attention  # noqa: PLC0415
@@ -218,6 +256,7 @@ class CaptionShard:
 
 def write_shard(item: dict[str, Any], config: BulkConfig) -> dict[str, Any]:
     """Write a shard's Parquet and attention file, then its commit marker; returns the shard's counts."""
+    clock = StageClock()
     storage = Storage(config.storage)
     shard, name = int(item["shard"]), shard_name(int(item["shard"]))
     attempt = int(item["attempt"])
@@ -230,21 +269,21 @@ def write_shard(item: dict[str, Any], config: BulkConfig) -> dict[str, Any]:
                       "attention_file": attention_file if has_map else None})
     rows = sorted(json.loads(item["kept"]) + fresh, key=lambda r: r["row"])
     rows = [{k: r.get(k) for k in SCHEMA_FIELDS} for r in rows]
-    buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA), buffer)
-    # Data first, marker last: a crash in between leaves a shard that the next run simply redoes.
-    if fresh and any(r["attention_file"] for r in fresh):
-        storage.write_bytes(uri(config.output, attention_file), item["attention"], "application/octet-stream")
-    storage.write_bytes(uri(config.output, "captions", f"{name}.parquet"), buffer.getvalue())
+    with clock.measure("write"):
+        buffer = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA), buffer)
+        # Data first, marker last: a crash in between leaves a shard that the next run simply redoes.
+        if fresh and any(r["attention_file"] for r in fresh):
+            storage.write_bytes(uri(config.output, attention_file), item["attention"], "application/octet-stream")
+        storage.write_bytes(uri(config.output, "captions", f"{name}.parquet"), buffer.getvalue())
     statuses = [r["status"] for r in rows]
     marker = {"shard": shard, "rows": len(rows), "statuses": statuses, "model_version": item["model_version"],
-              "attempt": attempt, "committed": time.time()}
+              "attempt": attempt, "committed": time.time(),
+              "images": sum(r["caption"] is not None for r in fresh),  # captioned in this attempt
+              "timing": merge(*json.loads(item["timing"]), ["write", clock.finish()])}
     storage.write_bytes(uri(config.output, "_committed", f"{name}.json"), json.dumps(marker).encode())
     return {"shard": shard, "rows": len(rows), "ok": statuses.count("ok"), "failed": len(rows) - statuses.count("ok"),
             "fresh": len(fresh)}
-
-
-
 
 
 def read_output(output: str, storage: Storage | None = None) -> Iterator[dict]:

@@ -14,7 +14,7 @@ from captioning.config import ModelConfig
 from captioning.errors import BundleError
 from captioning.features import Backbone
 from captioning.model import Captioner
-from captioning.precision import resolve_precision
+from captioning.devices import resolve_precision
 from captioning.storage import Storage, StorageError, is_s3
 from captioning.text import Tokenizer
 

@@ -36,14 +36,15 @@ def _generation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=None, help="sample with this temperature (> 0)")
     parser.add_argument("--beam-size", type=int, default=None, help="beam search with this many beams")
     parser.add_argument("--top-k", type=int, default=1, help="with --beam-size: also print the k best captions")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="images per model call (default: 32 on CPUs, where it is fastest; 256 on GPUs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--precision", default="auto", choices=["auto", "float32", "mixed_float16", "mixed_bfloat16"],
                         help="decoder compute precision (auto: mixed on GPUs, float32 on CPUs)")
 
 
 def _generation_config(args: argparse.Namespace, attention: bool):  # noqa: ANN202
-    from captioning.generate import GenerationConfig  # noqa: PLC0415
+    from captioning.config import GenerationConfig  # noqa: PLC0415
 
     if args.temperature is not None and args.beam_size is not None:
         raise CaptioningError("--temperature/--beam-size", "choose sampling or beam search, not both")
@@ -155,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--shard-size", type=int, default=256, help="rows per committed output shard")
     batch.add_argument("--actors", type=int, default=1, help="captioning actors (each loads the model once)")
     batch.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per captioning actor")
+    batch.add_argument("--inference-threads", type=int, default=None,
+                       help="TensorFlow threads per captioning actor (default: all CPUs of its node)")
     batch.add_argument("--fetch-threads", type=int, default=32, help="concurrent requests per fetch task")
     batch.add_argument("--no-attention", action="store_true", help="skip attention maps")
     batch.add_argument("--attention-png", type=int, default=0, metavar="N",
@@ -296,6 +299,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         manifest=args.manifest, model=args.model, output=args.output,
         spec=ManifestSpec(args.format, args.url_column, args.caption_column, args.id_column),
         shard_size=args.shard_size, batch_size=args.batch_size, actors=args.actors, num_gpus=args.num_gpus,
+        inference_threads=args.inference_threads,
         fetch_threads=args.fetch_threads, attention=not args.no_attention, attention_png=args.attention_png,
         retry_failed=args.retry_failed, precision=args.precision, fetch=_fetch_config(args),
         generation=_generation_config(args, attention=not args.no_attention),

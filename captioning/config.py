@@ -76,3 +76,28 @@ class TrainConfig:
     steps_per_epoch: int | None = None  # cap, for quick runs
     max_seconds: float | None = None  # wall-clock budget for the epochs; checked after each epoch
     sample_every_epoch: bool = True
+
+
+METHODS = ("greedy", "sample", "beam")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How to turn logits into words."""
+
+    method: str = "greedy"
+    temperature: float = 1.0  # for "sample"
+    beam_size: int = 3  # for "beam"
+    top_k: int = 1  # how many beam hypotheses to return per image
+    length_penalty: float = 1.0  # beam score = sum log p / length ** length_penalty
+    attention: bool = True
+    seed: int = 0
+    jit_compile: bool | None = None  # XLA-compile the loop; None: on when a GPU is present
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown generation method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.method == "sample" and self.temperature <= 0:
+            raise ValueError("temperature must be positive for sampling")
+        if self.method == "beam" and not 1 <= self.top_k <= self.beam_size:
+            raise ValueError("top_k must be between 1 and beam_size")

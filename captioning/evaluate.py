@@ -11,7 +11,7 @@ from pycocoevalcap.cider.cider import Cider
 from captioning.bundle import Bundle
 from captioning.config import ImageConfig
 from captioning.fetch import Fetcher
-from captioning.generate import GenerationConfig
+from captioning.config import GenerationConfig
 from captioning.inference import caption_sources
 from captioning.manifest import Manifest
 from captioning.storage import Storage
@@ -49,7 +49,7 @@ def evaluate(
     generation: GenerationConfig | None = None,
     image_config: ImageConfig | None = None,
     fetcher: Fetcher | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     meteor: bool = True,
     log: Callable[[str], None] = print,
     storage: Storage | None = None,

@@ -60,7 +60,9 @@ class Backbone:
                 except Exception as err:  # h5py / keras raise many types for a bad file
                     raise CaptioningError(weights, f"cannot load backbone weights: {err}") from None
         self.model.trainable = False
-        self._forward = tf.function(self._features, reduce_retracing=True)
+        # One trace for every batch size: a retrace mid-job costs about a second.
+        images = tf.TensorSpec([None, image_size, image_size, 3], tf.uint8)
+        self._forward = tf.function(self._features, input_signature=[images])
 
     @property
     def channels(self) -> int:
@@ -73,7 +75,7 @@ class Backbone:
 
     def __call__(self, images: np.ndarray | tf.Tensor) -> tf.Tensor:
         """uint8 (B, H, W, 3) -> float32 (B, 49, C)."""
-        return self._forward(tf.convert_to_tensor(images))
+        return self._forward(tf.convert_to_tensor(images, tf.uint8))
 
     def fingerprint(self) -> str:
         """Hash of the weights: a feature cache is only valid for the weights that filled it."""

@@ -10,6 +10,7 @@ import numpy as np
 
 from captioning.bundle import Bundle
 from captioning.config import ImageConfig
+from captioning.devices import resolve_batch_size
 from captioning.errors import CaptioningError
 from captioning.fetch import Fetcher
 from captioning.generate import GenerationConfig, Generator
@@ -36,13 +37,14 @@ def caption_sources(
     generation: GenerationConfig,
     image_config: ImageConfig | None = None,
     fetcher: Fetcher | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     keep_images: bool = False,
     storage: Storage | None = None,
 ) -> Iterator[Captioned]:
     """Caption paths/URLs in input order; a bad source yields its error and the rest go on."""
     image_config = image_config or ImageConfig()
     generator = Generator(bundle.model, generation)
+    batch_size = resolve_batch_size(batch_size)
 
     def load(source: str) -> Captioned | tuple[str, np.ndarray]:
         try:

@@ -14,7 +14,7 @@ from captioning.bundle import load_bundle
 from captioning.config import FetchConfig, ModelConfig, TrainConfig
 from captioning.datasets import synthetic
 from captioning.evaluate import evaluate, format_scores
-from captioning.generate import GenerationConfig
+from captioning.config import GenerationConfig
 from captioning.inference import caption_sources
 from captioning.manifest import ManifestSpec, read_manifest
 from captioning.plots import plot_attention

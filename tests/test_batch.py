@@ -116,12 +116,19 @@ def test_every_row_once_with_its_status_local_output(served, ray_local, trained_
     assert summary["statuses"]["ok"] == sum(1 for s in expected.values() if s == "ok")
     success = json.loads((tmp_path / "out" / "_SUCCESS.json").read_text())
     assert success["rows"] == len(rows)
+    stages = success["stages"]
+    assert stages["bound_by"] in ("backbone", "decoder", "fetch/decode", "write") and stages["why"]
+    assert all(stages["seconds"][work] > 0 for work in ("fetch", "decode", "backbone", "decoder", "write"))
+    assert stages["actor_init_seconds"] > 0 and stages["startup_seconds"] >= stages["actor_init_seconds"]
+    good = [r for r in rows if r["status"] == "ok"]
+    assert all(r["fetch_seconds"] > 0 and r["decode_seconds"] > 0 and r["inference_seconds"] > 0 for r in good)
     assert len(list((tmp_path / "out" / "attention-png").glob("*.png"))) == 2  # lines 2 and 3: the first two rows
 
     # A rerun finds every shard committed and touches nothing.
     hits = sum(server.hits.values())
     again = run(config, log=lambda _: None, progress=False)
     assert again["rows_processed_this_run"] == 0 and sum(server.hits.values()) == hits
+    assert again["stages"] == {}  # nothing ran, so nothing to time
 
     # --retry-failed redoes only the transient failures (the timeout), now that the server is fast.
     server.routes["/slow.jpg"] = Reply(200, server.routes["/gray.png"].body)

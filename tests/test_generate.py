@@ -114,7 +114,7 @@ def test_xla_compiled_loop_matches_the_plain_graph(bundle, features):
 
 
 def test_reduced_precision_decoding_runs_and_mostly_agrees(trained_bundle, bundle, features):
-    from captioning.precision import resolve_precision
+    from captioning.devices import resolve_precision
 
     assert resolve_precision("auto") == "float32"  # no GPU here: full precision on CPU
     half = load_bundle(trained_bundle, precision="mixed_bfloat16")
@@ -127,7 +127,7 @@ def test_reduced_precision_decoding_runs_and_mostly_agrees(trained_bundle, bundl
 
 
 def test_unknown_precision_is_refused():
-    from captioning.precision import resolve_precision
+    from captioning.devices import resolve_precision
 
     with pytest.raises(ValueError, match="precision"):
         resolve_precision("float8")

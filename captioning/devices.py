@@ -1,0 +1,52 @@
+"""What the hardware is, and the defaults that follow from it: decoder precision, batch size, CPU threads."""
+
+from __future__ import annotations
+
+import os
+
+import tensorflow as tf
+
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+# Measured on 2 x86 cores (benchmarks/bulk.py prints the sweep): MobileNetV3Small runs 3.0 ms/image at
+# batch 32 but 5.6 ms/image at batch 128, because bigger batches fall out of cache. GPUs want big batches.
+CPU_BATCH_SIZE = 32
+GPU_BATCH_SIZE = 256
+
+
+def has_gpu() -> bool:
+    """True when TensorFlow sees at least one GPU."""
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def resolve_precision(precision: str = "auto") -> str:
+    """A Keras dtype policy name; "auto" picks bfloat16 on Ampere+ GPUs, float16 on older ones, else float32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        # CPUs gain little from half precision and some lack fast bf16 kernels; keep full precision.
+        return "float32"
+    major, _ = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0))
+    return "mixed_bfloat16" if major >= 8 else "mixed_float16"
+
+
+def resolve_batch_size(batch_size: int | None) -> int:
+    """Images per backbone/generator call: as asked, or the measured-fastest size for this device."""
+    if batch_size is not None:
+        if batch_size < 1:
+            raise ValueError(f"batch size must be positive, got {batch_size}")
+        return batch_size
+    return GPU_BATCH_SIZE if has_gpu() else CPU_BATCH_SIZE
+
+
+def use_cpu_threads(threads: int | None) -> int:
+    """Set TensorFlow's op threads (before any op runs); None: every CPU this process may run on.
+
+    Ray sets OMP_NUM_THREADS=1 in a 1-CPU actor, which slows the backbone by ~12% here; the actor's CPU
+    reservation is a scheduling hint, and the fetch tasks beside it mostly wait on the network.
+    """
+    threads = threads or len(os.sched_getaffinity(0))
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    return threads

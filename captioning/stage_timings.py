@@ -1,0 +1,87 @@
+"""Per-stage timings of the bulk job, and which stage bounds it.
+
+Every shard records, in its commit marker, the wall-clock span of each pipeline stage it went through
+(fetch, caption, write) and the seconds spent in each kind of work (fetch, decode, backbone, decoder, write).
+Fetch seconds are per-request latencies summed: many requests are in flight at once, so they overlap.
+`stage_report` turns the markers of one run into the figures people ask for: seconds and milliseconds per
+image per stage, start-up time, steady throughput, and the bounding stage.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+WORK = ("fetch", "decode", "backbone", "decoder", "write")
+# The caption actors are the expensive, scarce stage: when they are busy nearly all the time, they bound
+# the job; when they sit idle, images are not arriving fast enough (or results are not leaving).
+BUSY_ENOUGH = 0.85
+
+
+class StageClock:
+    """Accumulates seconds per kind of work and the wall span of the stage, for one shard."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.span = [time.time(), time.time()]
+
+    @contextmanager
+    def measure(self, work: str) -> Iterator[None]:
+        """Add the time spent inside the block to `work`."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(work, time.perf_counter() - began)
+
+    def add(self, work: str, seconds: float) -> None:
+        """Add seconds measured elsewhere (per-row times summed by the caller)."""
+        self.seconds[work] = self.seconds.get(work, 0.0) + seconds
+
+    def finish(self) -> dict:
+        """The stage's record: wall span [start, end] (epoch seconds) and seconds per kind of work."""
+        self.span[1] = time.time()
+        return {"span": list(self.span), "seconds": dict(self.seconds)}
+
+
+def merge(*stages: dict) -> dict:
+    """Combine the records of one shard's stages, keyed by stage name."""
+    timing: dict = {"spans": {}, "seconds": {}}
+    for name, record in stages:
+        timing["spans"][name] = record["span"]
+        for work, seconds in record["seconds"].items():
+            timing["seconds"][work] = timing["seconds"].get(work, 0.0) + seconds
+    return timing
+
+
+def stage_report(timings: list[dict], images: int, actors: int, started: float, finished: float) -> dict:
+    """Seconds and ms/image per kind of work, start-up, steady rate, caption-actor busy share, bounding stage."""
+    if not timings:
+        return {}
+    seconds = {work: sum(t["seconds"].get(work, 0.0) for t in timings) for work in WORK}
+    captions = [t["spans"]["caption"] for t in timings]
+    first, last = min(s for s, _ in captions), max(e for _, e in captions)
+    inits = [t["spans"]["actor_init"] for t in timings if "actor_init" in t["spans"]]
+    busy = sum(e - s for s, e in captions) / max(actors * (last - first), 1e-9)
+    if busy >= BUSY_ENOUGH:
+        bound = max(("backbone", "decoder"), key=seconds.get)
+        why = f"caption actors busy {busy:.0%} of the time; {bound} is the larger share of their work"
+    elif seconds["write"] > seconds["backbone"] + seconds["decoder"]:
+        bound, why = "write", f"caption actors busy {busy:.0%}; writing takes longer than inference"
+    else:
+        bound = "fetch/decode"
+        why = f"caption actors busy only {busy:.0%}: waiting for fetched and decoded images"
+    return {
+        "seconds": {work: round(value, 3) for work, value in seconds.items()},
+        "ms_per_image": {work: round(1000 * value / max(images, 1), 3) for work, value in seconds.items()},
+        "startup_seconds": round(first - started, 3),
+        # Of which: Ray and Ray Data starting the pipeline, then the first actor loading the model and tracing.
+        "startup_before_actors_seconds": round(min(s for s, _ in inits) - started, 3) if inits else None,
+        "actor_init_seconds": round(min(e - s for s, e in inits), 3) if inits else None,
+        "steady_images_per_second": round(images / max(last - first, 1e-9), 2),
+        "caption_busy": round(busy, 3),
+        "bound_by": bound,
+        "why": why,
+        "wall_seconds": round(finished - started, 3),
+    }

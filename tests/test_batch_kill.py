@@ -1,53 +1,120 @@
-"""Kill the whole bulk job mid-run, rerun the same command: the same row set, no duplicates, nothing lost."""
+"""Kill the whole bulk job, or its workers, mid-run: the same row set, no duplicates, nothing lost."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+import pytest
 
 from captioning.bulk import read_output
 from tests.conftest import LoopbackServer, Reply
 
+ROWS, SHARD = 60, 4
+SHARDS = ROWS // SHARD
+
+
+@pytest.fixture
+def slow_manifest(synthetic_data, tmp_path):
+    """A manifest of ROWS loopback URLs, each answered after 0.1 s: slow enough to kill things mid-run."""
+    server = LoopbackServer()
+    images = sorted((synthetic_data["test"].parent / "images" / "test").glob("*.jpg"))
+    urls = []
+    for i in range(ROWS):
+        server.routes[f"/{i}.jpg"] = Reply(200, images[i % len(images)].read_bytes(), delay=0.1)
+        urls.append(server.url(f"/{i}.jpg"))
+    (tmp_path / "m.csv").write_text("id,url\n" + "".join(f"r{i},{u}\n" for i, u in enumerate(urls)))
+    yield str(tmp_path / "m.csv")
+    server.close()
+
 
 def batch_command(manifest, model, output):
     return [sys.executable, "-m", "captioning.cli", "batch", "--manifest", manifest, "--model", model,
-            "--output", output, "--id-column", "id", "--shard-size", "4", "--batch-size", "4",
+            "--output", output, "--id-column", "id", "--shard-size", str(SHARD), "--batch-size", "4",
             "--fetch-threads", "2", "--allow-network", "127.0.0.1/32", "--no-progress"]
 
 
-def test_kill_and_rerun_is_exactly_once(synthetic_data, trained_bundle, tmp_path):
-    server = LoopbackServer()
-    try:
-        images = sorted((synthetic_data["test"].parent / "images" / "test").glob("*.jpg"))
-        urls = []
-        for i in range(60):
-            path = images[i % len(images)]
-            server.routes[f"/{i}.jpg"] = Reply(200, path.read_bytes(), delay=0.1)  # slow enough to kill mid-run
-            urls.append(server.url(f"/{i}.jpg"))
-        (tmp_path / "m.csv").write_text("id,url\n" + "".join(f"r{i},{u}\n" for i, u in enumerate(urls)))
-        out = tmp_path / "out"
-        command = batch_command(str(tmp_path / "m.csv"), str(trained_bundle), str(out))
-        first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and first.poll() is None:
-            committed = list((out / "_committed").glob("shard-*.json")) if (out / "_committed").exists() else []
-            if len(committed) >= 2:
-                break
-            time.sleep(0.2)
-        assert first.poll() is None, first.stdout.read().decode()[-2000:]  # still running: we kill it mid-run
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
-        committed_before = len(list((out / "_committed").glob("shard-*.json")))
-        assert 2 <= committed_before < 15
-        assert not (out / "_SUCCESS.json").exists()
+def start_and_wait_for_commits(command, out: Path, shards: int) -> subprocess.Popen:
+    """Start the job in its own session; return once `shards` shards are committed (it is still running)."""
+    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and job.poll() is None:
+        if len(committed(out)) >= shards:
+            break
+        time.sleep(0.2)
+    assert job.poll() is None, job.stdout.read()[-2000:]  # still running: we act mid-run
+    return job
 
-        second = subprocess.run(command, capture_output=True, text=True, timeout=600)
-        assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
-        assert f"{15 - committed_before} to process" in second.stdout
-        rows = list(read_output(str(out)))
-        assert sorted(r["id"] for r in rows) == sorted(f"r{i}" for i in range(60))  # all there, each once
-        assert all(r["status"] == "ok" for r in rows)
-        assert (out / "_SUCCESS.json").exists()
+
+def committed(out: Path) -> list[Path]:
+    return sorted((out / "_committed").glob("shard-*.json")) if (out / "_committed").exists() else []
+
+
+def descendants(root: int) -> dict[int, str]:
+    """pid -> command line of every process below root (Ray's raylet and workers run below the job)."""
+    parents, cmdlines = {}, {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            parents[int(entry)] = int(stat[stat.rindex(")") + 2 :].split()[1])
+            cmdlines[int(entry)] = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError, IndexError):
+            continue
+    found, frontier = {}, [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, ppid in parents.items():
+            if ppid == parent and pid not in found:
+                found[pid] = cmdlines[pid]
+                frontier.append(pid)
+    return found
+
+
+def assert_exactly_once(out: Path) -> None:
+    rows = list(read_output(str(out)))
+    assert sorted(r["id"] for r in rows) == sorted(f"r{i}" for i in range(ROWS))  # all there, each once
+    assert all(r["status"] == "ok" and r["caption"] for r in rows)
+    assert (out / "_SUCCESS.json").exists()
+
+
+def test_kill_the_whole_job_and_rerun_is_exactly_once(slow_manifest, trained_bundle, tmp_path):
+    out = tmp_path / "out"
+    command = batch_command(slow_manifest, str(trained_bundle), str(out))
+    first = start_and_wait_for_commits(command, out, 2)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    committed_before = len(committed(out))
+    assert 2 <= committed_before < SHARDS
+    assert not (out / "_SUCCESS.json").exists()
+
+    second = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    assert f"{SHARDS - committed_before} to process" in second.stdout
+    assert_exactly_once(out)
+
+
+def test_killed_workers_are_replaced_and_the_run_is_exactly_once(slow_manifest, trained_bundle, tmp_path):
+    out = tmp_path / "out"
+    job = start_and_wait_for_commits(batch_command(slow_manifest, str(trained_bundle), str(out)), out, 1)
+    try:
+        # The captioning actor and whatever fetch/write task workers are busy right now.
+        victims = {pid: cmd for pid, cmd in descendants(job.pid).items()
+                   if "CaptionShard" in cmd or "fetch_shard" in cmd or "write_shard" in cmd}
+        assert any("CaptionShard" in cmd for cmd in victims.values()), descendants(job.pid)
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        # Ray restarts the actor and retries the lost tasks: the same run finishes on its own.
+        output, _ = job.communicate(timeout=600)
+        assert job.returncode == 0, output[-3000:]
     finally:
-        server.close()
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert len(committed(out)) == SHARDS
+    assert_exactly_once(out)
+    # Shards after the kill were captioned by a new actor: two different actor start-ups in the markers.
+    starts = {json.loads(marker.read_text())["timing"]["spans"]["actor_init"][0] for marker in committed(out)}
+    assert len(starts) == 2

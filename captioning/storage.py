@@ -6,6 +6,7 @@ import hashlib
 import mimetypes
 import os
 import shutil
+import uuid
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,7 +96,7 @@ class Storage:
         if not is_s3(uri):
             path = local_path(uri)
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".tmp-{path.name}")
+            tmp = _temporary(path)
             tmp.write_bytes(data)
             tmp.replace(path)
             return
@@ -108,8 +109,9 @@ class Storage:
         if not is_s3(uri):
             target = local_path(uri)
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, target.with_name(f".tmp-{target.name}"))
-            target.with_name(f".tmp-{target.name}").replace(target)
+            tmp = _temporary(target)
+            shutil.copyfile(path, tmp)
+            tmp.replace(target)
             return
         bucket, key = split_s3(uri)
         with self._errors(uri):
@@ -120,7 +122,7 @@ class Storage:
         """Copy uri to a local file (written beside it, then renamed)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".tmp-{path.name}")
+        tmp = _temporary(path)
         if is_s3(uri):
             bucket, key = split_s3(uri)
             with self._errors(uri):
@@ -241,3 +243,8 @@ def _content_type(key: str) -> str:
     if key.endswith(".jsonl"):
         return "application/jsonl"
     return guessed or "application/octet-stream"
+
+
+def _temporary(path: Path) -> Path:
+    """A sibling temp name unique to this write: a retried task and its lost original may write at once."""
+    return path.with_name(f".tmp-{uuid.uuid4().hex[:12]}-{path.name}")

@@ -95,6 +95,23 @@ def test_local_paths_and_file_uris(tmp_path):
     assert not list((tmp_path / "d").glob(".tmp-*"))
 
 
+def test_concurrent_local_writers_of_one_path_leave_one_whole_file(tmp_path):
+    # A retried task can write the same shard file as its lost original, at the same moment.
+    from concurrent.futures import ThreadPoolExecutor
+
+    storage, target = Storage(), str(tmp_path / "shard.bin")
+
+    def write(value: int) -> None:
+        for _ in range(10):
+            storage.write_bytes(target, bytes([value]) * 1_000_000)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(write, range(8)))  # raises if one writer's rename lost its temp file to another
+    data = (tmp_path / "shard.bin").read_bytes()
+    assert len(data) == 1_000_000 and len(set(data)) == 1
+    assert storage.list(str(tmp_path)) == [target]
+
+
 def test_storage_serve_command_runs_until_sigterm(tmp_path):
     import signal
     import subprocess

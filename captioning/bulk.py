@@ -15,7 +15,8 @@ from __future__ import annotations
 import io
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
@@ -42,6 +43,7 @@ OUTPUT_SCHEMA = pa.schema([
     ("attention_offset", pa.int64()), ("attention_length", pa.int32()),
 ])
 SCHEMA_FIELDS = tuple(OUTPUT_SCHEMA.names)
+PLAN_WRITERS = 16  # concurrent shard-input writes while planning
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ def plan_shards(config: BulkConfig, storage: Storage) -> tuple[list[int], int]:
     committed = {name.rsplit("/", 1)[-1].removesuffix(".json") for name in storage.list(uri(config.output, "_committed"))
                  if name.endswith(".json")}
     todo, rows, batch, shard = [], 0, [], 0
+    writes: deque[Future] = deque()
 
     def flush(shard: int, batch: list[dict]) -> None:
         name = shard_name(shard)
@@ -94,20 +97,26 @@ def plan_shards(config: BulkConfig, storage: Storage) -> tuple[list[int], int]:
             if config.retry_failed and _has_transient(config, storage, shard):
                 todo.append(shard)
             return
-        storage.write_bytes(uri(config.output, "_input", f"{name}.jsonl"),
-                            "".join(json.dumps(r) + "\n" for r in batch).encode(), "application/jsonl")
+        # Parallel PUTs: a Conceptual Captions manifest is ~13,000 shards; a bounded queue keeps memory flat.
+        writes.append(pool.submit(storage.write_bytes, uri(config.output, "_input", f"{name}.jsonl"),
+                                  "".join(json.dumps(r) + "\n" for r in batch).encode(), "application/jsonl"))
+        while len(writes) > 2 * PLAN_WRITERS:
+            writes.popleft().result()
         todo.append(shard)
 
-    for row in iter_rows(config.manifest, config.spec, storage):
-        batch.append({"row": row.row, "index": rows, "id": row.id, "url": row.image,
-                      "reference": row.captions[0] if row.captions else None,
-                      "error": str(row.error) if row.error else None})
-        rows += 1
-        if len(batch) == config.shard_size:
+    with ThreadPoolExecutor(PLAN_WRITERS) as pool:
+        for row in iter_rows(config.manifest, config.spec, storage):
+            batch.append({"row": row.row, "index": rows, "id": row.id, "url": row.image,
+                          "reference": row.captions[0] if row.captions else None,
+                          "error": str(row.error) if row.error else None})
+            rows += 1
+            if len(batch) == config.shard_size:
+                flush(shard, batch)
+                batch, shard = [], shard + 1
+        if batch:
             flush(shard, batch)
-            batch, shard = [], shard + 1
-    if batch:
-        flush(shard, batch)
+        for write in writes:
+            write.result()
     return todo, rows
 
 

@@ -17,7 +17,7 @@ import json
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterator
 
 import numpy as np
@@ -31,7 +31,7 @@ from captioning.config import GenerationConfig
 from captioning.images import decode_image, read_source
 from captioning.manifest import ManifestSpec, iter_rows
 from captioning.stage_timings import StageClock, merge
-from captioning.storage import Storage, StorageConfig
+from captioning.storage import Storage, StorageConfig, absolute
 
 # One output row per input row; every shard is written with exactly this schema.
 OUTPUT_SCHEMA = pa.schema([
@@ -69,6 +69,11 @@ class BulkConfig:
     image: ImageConfig = field(default_factory=ImageConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+
+
+    def with_absolute_paths(self) -> "BulkConfig":
+        """The same run with local manifest/model/output paths made absolute, as Ray workers need."""
+        return replace(self, manifest=absolute(self.manifest), model=absolute(self.model), output=absolute(self.output))
 
 
 def uri(output: str, *parts: str) -> str:

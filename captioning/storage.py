@@ -40,6 +40,13 @@ def local_path(uri: str) -> Path:
     return Path(urlsplit(uri).path) if uri.startswith("file://") else Path(uri)
 
 
+def absolute(uri: str) -> str:
+    """s3:// and URLs as they are; a local path or file:// URI as an absolute path (workers have other cwds)."""
+    if is_s3(uri) or ("://" in uri and not uri.startswith("file://")):
+        return uri
+    return str(local_path(uri).resolve())
+
+
 def split_s3(uri: str) -> tuple[str, str]:
     """s3://bucket/key -> (bucket, key)."""
     parts = urlsplit(uri)

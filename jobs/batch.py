@@ -22,6 +22,7 @@ def run(config: BulkConfig, address: str | None = None, log: Callable[[str], Non
     import ray  # noqa: PLC0415
 
     started, started_at = time.monotonic(), time.time()
+    config = config.with_absolute_paths()
     storage = Storage(config.storage)
     todo, total_rows = plan_shards(config, storage)
     shards_total = -(-total_rows // config.shard_size)

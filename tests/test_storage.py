@@ -95,6 +95,16 @@ def test_local_paths_and_file_uris(tmp_path):
     assert not list((tmp_path / "d").glob(".tmp-*"))
 
 
+def test_absolute_makes_local_paths_absolute_and_leaves_remote_uris(tmp_path, monkeypatch):
+    from captioning.storage import absolute
+
+    monkeypatch.chdir(tmp_path)
+    assert absolute("models/m1") == str(tmp_path / "models" / "m1")
+    assert absolute(f"file://{tmp_path}/x") == str(tmp_path / "x")
+    assert absolute("s3://bucket/m1") == "s3://bucket/m1"
+    assert absolute("https://example.com/m.csv") == "https://example.com/m.csv"
+
+
 def test_concurrent_local_writers_of_one_path_leave_one_whole_file(tmp_path):
     # A retried task can write the same shard file as its lost original, at the same moment.
     from concurrent.futures import ThreadPoolExecutor

@@ -155,6 +155,7 @@ def main() -> int:
     parser.add_argument("--model", default=None, help="bundle (default: train a small one first)")
     parser.add_argument("--actors", type=int, default=1)
     parser.add_argument("--inference-threads", type=int, default=None)
+    parser.add_argument("--actor-cpus", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=None)
     args = parser.parse_args()
     out = Path(args.out).resolve()
@@ -212,7 +213,7 @@ def main() -> int:
             config = BulkConfig(str(manifest), model, f"s3://bench/run-{size}-{int(time.time())}",
                                 ManifestSpec(image_column="url"), shard_size=256, fetch=LOOPBACK,
                                 batch_size=args.batch_size, actors=args.actors,
-                                inference_threads=args.inference_threads)
+                                inference_threads=args.inference_threads, actor_cpus=args.actor_cpus)
             cpu_before = process_tree(os.getpid())
             with PeakMemory() as memory:
                 start = time.perf_counter()

@@ -57,6 +57,7 @@ class BulkConfig:
     shard_size: int = 256
     batch_size: int | None = None  # None: the fastest size for the device (captioning/devices.py)
     actors: int = 1
+    actor_cpus: float = 1.0  # CPUs Ray reserves per captioning actor; fetch and write tasks need some left
     inference_threads: int | None = None  # TensorFlow op threads per actor; None: all CPUs of its node
     num_gpus: float = 0.0
     fetch_threads: int = 32

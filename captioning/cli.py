@@ -156,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--shard-size", type=int, default=256, help="rows per committed output shard")
     batch.add_argument("--actors", type=int, default=1, help="captioning actors (each loads the model once)")
     batch.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per captioning actor")
+    batch.add_argument("--actor-cpus", type=float, default=1.0, help="CPUs Ray reserves per captioning actor")
     batch.add_argument("--inference-threads", type=int, default=None,
                        help="TensorFlow threads per captioning actor (default: all CPUs of its node)")
     batch.add_argument("--fetch-threads", type=int, default=32, help="concurrent requests per fetch task")
@@ -299,7 +300,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         manifest=args.manifest, model=args.model, output=args.output,
         spec=ManifestSpec(args.format, args.url_column, args.caption_column, args.id_column),
         shard_size=args.shard_size, batch_size=args.batch_size, actors=args.actors, num_gpus=args.num_gpus,
-        inference_threads=args.inference_threads,
+        inference_threads=args.inference_threads, actor_cpus=args.actor_cpus,
         fetch_threads=args.fetch_threads, attention=not args.no_attention, attention_png=args.attention_png,
         retry_failed=args.retry_failed, precision=args.precision, fetch=_fetch_config(args),
         generation=_generation_config(args, attention=not args.no_attention),

@@ -15,6 +15,8 @@ from captioning.errors import CaptioningError
 from captioning.stage_timings import stage_report
 from captioning.storage import Storage
 
+TASK_CPUS = 0.25  # fetch and write tasks mostly wait on the network and storage
+
 
 def run(config: BulkConfig, address: str | None = None, log: Callable[[str], None] = print,
         progress: bool = True) -> dict:
@@ -34,6 +36,7 @@ def run(config: BulkConfig, address: str | None = None, log: Callable[[str], Non
             # Local Ray in-process by default; workers inherit this environment (AWS settings included).
             ray.init(address=address, include_dashboard=bool(address), logging_level="ERROR",
                      log_to_driver=False, configure_logging=False)
+        check_cpus(config, ray.cluster_resources().get("CPU", 0.0), fixed=address is None, log=log)
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # one bar of our own, with rows and images/s
         # Fetching is faster than captioning: without a cap, decoded images pile up in the object store and
@@ -42,11 +45,11 @@ def run(config: BulkConfig, address: str | None = None, log: Callable[[str], Non
         context.execution_options.resource_limits = context.execution_options.resource_limits.copy(
             object_store_memory=shard_bytes * config.buffered_shards * config.actors)
         items = ray.data.from_items([{"shard": shard} for shard in todo], override_num_blocks=len(todo))
-        fetched = items.map(fetch_shard, fn_kwargs={"config": config}, num_cpus=0.25)
-        captioned = fetched.map(CaptionShard, fn_constructor_kwargs={"config": config}, num_cpus=1,
+        fetched = items.map(fetch_shard, fn_kwargs={"config": config}, num_cpus=TASK_CPUS)
+        captioned = fetched.map(CaptionShard, fn_constructor_kwargs={"config": config}, num_cpus=config.actor_cpus,
                                 num_gpus=config.num_gpus or None,
                                 compute=ray.data.ActorPoolStrategy(size=config.actors))
-        written = captioned.map(write_shard, fn_kwargs={"config": config}, num_cpus=0.25)
+        written = captioned.map(write_shard, fn_kwargs={"config": config}, num_cpus=TASK_CPUS)
         bar = tqdm(total=len(todo) * config.shard_size, desc="captioning", unit="row",
                    disable=not progress, file=sys.stderr)
         for summary in written.iter_rows():
@@ -63,6 +66,19 @@ def run(config: BulkConfig, address: str | None = None, log: Callable[[str], Non
         log("ms per image: " + ", ".join(f"{k} {v:.1f}" for k, v in stages["ms_per_image"].items())
             + f"; start-up {stages['startup_seconds']:.1f} s; bound by {stages['bound_by']} ({stages['why']})")
     return summary
+
+
+def check_cpus(config: BulkConfig, cpus: float, fixed: bool, log: Callable[[str], None]) -> None:
+    """Refuse (local Ray) or warn (a cluster may scale up) when the actors would leave no CPU for the tasks."""
+    needed = config.actors * config.actor_cpus + 2 * TASK_CPUS  # at least one fetch and one write task
+    if needed <= cpus:
+        return
+    message = (f"{config.actors} actor(s) x {config.actor_cpus} CPU leave no room for the fetch and write tasks "
+               f"({2 * TASK_CPUS} CPU) on {cpus:g} CPUs, so the job would wait forever; use fewer --actors or a "
+               "smaller --actor-cpus")
+    if fixed:
+        raise CaptioningError("--actors/--actor-cpus", message)
+    log(f"warning: {message} (unless the cluster scales up)")
 
 
 def summarise(config: BulkConfig, storage: Storage, total_rows: int, shards_total: int, processed: int,

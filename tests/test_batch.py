@@ -156,3 +156,18 @@ def test_output_to_seaweedfs(served, ray_local, trained_bundle, tmp_path):
     assert sorted(r["id"] for r in rows) == sorted(f"r{i}" for i in range(len(urls)))
     assert storage.exists("s3://outputs/run1/_SUCCESS.json")
     assert attention_for(rows[0], "s3://outputs/run1", storage).shape[1:] == (7, 7)
+
+
+def test_too_many_actors_for_the_cpus_is_refused_not_a_hang(served, ray_local, trained_bundle, tmp_path):
+    from captioning.errors import CaptioningError
+    from jobs.batch import check_cpus, run
+
+    server, expected = served
+    config = BulkConfig(manifest_file(tmp_path, list(expected)[:3]), str(trained_bundle), str(tmp_path / "out"),
+                        ManifestSpec(image_column="url", id_column="id"), actors=2, fetch=LOOPBACK_ONLY)
+    with pytest.raises(CaptioningError, match="--actors.*2 CPUs"):  # 2 x 1 CPU on this 2-CPU local Ray
+        run(config, log=lambda _: None, progress=False)
+    warnings = []
+    check_cpus(config, 2.0, fixed=False, log=warnings.append)  # a cluster may scale up: warn only
+    assert len(warnings) == 1 and "fewer --actors" in warnings[0]
+    check_cpus(BulkConfig("m", "b", "o", actors=2, actor_cpus=0.5), 2.0, fixed=True, log=warnings.append)

@@ -24,10 +24,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from captioning.config import FetchConfig, ImageConfig
+from captioning.config import FetchConfig, GenerationConfig, ImageConfig
 from captioning.errors import CaptioningError
 from captioning.fetch import TRANSIENT_REASONS, Fetcher
-from captioning.config import GenerationConfig
 from captioning.images import decode_image, read_source
 from captioning.manifest import ManifestSpec, iter_rows
 from captioning.stage_timings import StageClock, merge
@@ -70,7 +69,6 @@ class BulkConfig:
     image: ImageConfig = field(default_factory=ImageConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
-
 
     def with_absolute_paths(self) -> "BulkConfig":
         """The same run with local manifest/model/output paths made absolute, as Ray workers need."""
@@ -160,7 +158,7 @@ def fetch_shard(item: dict[str, Any], config: BulkConfig) -> dict[str, Any]:
             image, (width, height) = decode_image(data, row["url"], config.image), _size(data)
             return {**out, "width": width, "height": height, "decode_seconds": time.perf_counter() - start}, image
         except CaptioningError as err:
-            spent = time.perf_counter() - start
+            spent = time.perf_counter() - start  # since the fetch began, or since decoding began if it got that far
             return {**out, "status": err.reason, "error": str(err),
                     **({"decode_seconds": spent} if out["fetch_seconds"] else {"fetch_seconds": spent})}, None
 

@@ -32,11 +32,18 @@ def _manifest_spec(args: argparse.Namespace):  # noqa: ANN202
     return ManifestSpec(args.format, args.image_column, args.caption_column, args.id_column)
 
 
+def _positive(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
 def _generation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=None, help="sample with this temperature (> 0)")
     parser.add_argument("--beam-size", type=int, default=None, help="beam search with this many beams")
     parser.add_argument("--top-k", type=int, default=1, help="with --beam-size: also print the k best captions")
-    parser.add_argument("--batch-size", type=int, default=None,
+    parser.add_argument("--batch-size", type=_positive, default=None,
                         help="images per model call (default: 32 on CPUs, where it is fastest; 256 on GPUs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--precision", default="auto", choices=["auto", "float32", "mixed_float16", "mixed_bfloat16"],

@@ -45,8 +45,8 @@ class StageClock:
         return {"span": list(self.span), "seconds": dict(self.seconds)}
 
 
-def merge(*stages: dict) -> dict:
-    """Combine the records of one shard's stages, keyed by stage name."""
+def merge(*stages: tuple[str, dict]) -> dict:
+    """Combine one shard's (stage name, record) pairs into spans by stage and summed seconds by work."""
     timing: dict = {"spans": {}, "seconds": {}}
     for name, record in stages:
         timing["spans"][name] = record["span"]

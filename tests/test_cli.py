@@ -1,6 +1,8 @@
 import json
 import shutil
 
+import pytest
+
 from captioning.cli import main
 
 
@@ -52,6 +54,12 @@ def test_corrupt_model_directory_is_one_line(trained_bundle, tmp_path, capsys):
 def test_conflicting_generation_options(trained_bundle, capsys):
     code, _, err = run(capsys, "caption", str(trained_bundle), "x.jpg", "--temperature", "1", "--beam-size", "2")
     assert code == 2 and "not both" in err
+
+
+def test_batch_size_must_be_positive(trained_bundle, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["caption", str(trained_bundle), "x.jpg", "--batch-size", "0"])
+    assert exit_info.value.code == 2 and "--batch-size: expected a whole number of at least 1" in capsys.readouterr().err
 
 
 def test_missing_manifest_for_training(tmp_path, capsys):

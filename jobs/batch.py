@@ -50,7 +50,9 @@ def run(config: BulkConfig, address: str | None = None, log: Callable[[str], Non
                                 num_gpus=config.num_gpus or None,
                                 compute=ray.data.ActorPoolStrategy(size=config.actors))
         written = captioned.map(write_shard, fn_kwargs={"config": config}, num_cpus=TASK_CPUS)
-        bar = tqdm(total=len(todo) * config.shard_size, desc="captioning", unit="row",
+        # Every shard is full but the last; a rerun's shards (or retried rows) may be fewer.
+        rows_todo = sum(min(config.shard_size, total_rows - shard * config.shard_size) for shard in todo)
+        bar = tqdm(total=rows_todo, desc="captioning", unit="row",
                    disable=not progress, file=sys.stderr)
         for summary in written.iter_rows():
             fresh.update({"rows": summary["fresh"], "ok": summary["ok"], "failed": summary["failed"]})

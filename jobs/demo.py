@@ -11,10 +11,9 @@ from typing import Callable
 
 from captioning.bulk import BulkConfig
 from captioning.bundle import load_bundle
-from captioning.config import FetchConfig, ModelConfig, TrainConfig
+from captioning.config import FetchConfig, GenerationConfig, ModelConfig, TrainConfig
 from captioning.datasets import synthetic
 from captioning.evaluate import evaluate, format_scores
-from captioning.config import GenerationConfig
 from captioning.inference import caption_sources
 from captioning.manifest import ManifestSpec, read_manifest
 from captioning.plots import plot_attention
@@ -27,6 +26,13 @@ DEMO_CONFIG = TrainConfig(
     model=ModelConfig(max_length=20, d_model=128, num_layers=2, num_heads=2, dropout=0.1),
     weights="none", batch_size=64, learning_rate=1e-3, patience=3,
 )
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    """Serves the held-out images without a log line per request (the progress bar says enough)."""
+
+    def log_message(self, *args) -> None:  # noqa: ANN002
+        pass
 
 
 def run_demo(out: Path, n_train: int, n_val: int, n_test: int, epochs: int, seed: int,
@@ -59,8 +65,7 @@ def run_demo(out: Path, n_train: int, n_val: int, n_test: int, epochs: int, seed
 
 def bulk_captions(out: Path, test_manifest: Path, log: Callable[[str], None]) -> dict:
     """Serve the test images over HTTP on 127.0.0.1 and caption them with the bulk job into out/bulk."""
-    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(test_manifest.parent))
-    handler.log_message = lambda *args: None
+    handler = functools.partial(QuietHandler, directory=str(test_manifest.parent))
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from captioning.config import FetchConfig, GenerationConfig, ImageConfig
 from captioning.errors import CaptioningError
 from captioning.fetch import TRANSIENT_REASONS, Fetcher
-from captioning.images import decode_image, read_source
+from captioning.images import decode_with_size, read_source
 from captioning.manifest import ManifestSpec, iter_rows
 from captioning.stage_timings import StageClock, merge
 from captioning.storage import Storage, StorageConfig, absolute
@@ -155,7 +155,7 @@ def fetch_shard(item: dict[str, Any], config: BulkConfig) -> dict[str, Any]:
             data = read_source(row["url"], fetcher, storage)
             out["fetch_seconds"] = time.perf_counter() - start
             start = time.perf_counter()
-            image, (width, height) = decode_image(data, row["url"], config.image), _size(data)
+            image, (width, height) = decode_with_size(data, row["url"], config.image)
             return {**out, "width": width, "height": height, "decode_seconds": time.perf_counter() - start}, image
         except CaptioningError as err:
             spent = time.perf_counter() - start  # since the fetch began, or since decoding began if it got that far
@@ -177,13 +177,6 @@ def fetch_shard(item: dict[str, Any], config: BulkConfig) -> dict[str, Any]:
         "image_count": len(images),
         "timing": json.dumps([["fetch", clock.finish()]]),
     }
-
-
-def _size(data: bytes) -> tuple[int, int]:
-    from PIL import Image  # noqa: PLC0415
-
-    with Image.open(io.BytesIO(data)) as image:
-        return image.size
 
 
 def _read_previous(config: BulkConfig, storage: Storage, shard: int) -> list[dict]:

@@ -37,9 +37,14 @@ def load_image(
 
 def decode_image(data: bytes, source: str, config: ImageConfig) -> np.ndarray:
     """Image bytes -> uint8 array (size, size, 3); raises ImageError naming source."""
+    return decode_with_size(data, source, config)[0]
+
+
+def decode_with_size(data: bytes, source: str, config: ImageConfig) -> tuple[np.ndarray, tuple[int, int]]:
+    """Image bytes -> (uint8 array (size, size, 3), (width, height) as stored, before orientation or draft)."""
     image = open_image(data, source, config, draft=True)
     rgb = to_rgb(image).resize((config.size, config.size), Image.Resampling.BILINEAR)
-    return np.asarray(rgb, dtype=np.uint8)
+    return np.asarray(rgb, dtype=np.uint8), image.info["stored_size"]
 
 
 def open_image(data: bytes, source: str, config: ImageConfig, draft: bool = False) -> Image.Image:
@@ -50,6 +55,7 @@ def open_image(data: bytes, source: str, config: ImageConfig, draft: bool = Fals
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             width, height = image.size
+            image.info["stored_size"] = (width, height)  # draft mode and EXIF rotation change .size
             if width * height > config.max_pixels:
                 raise ImageError(
                     source, f"image is {width}x{height}, over the {config.max_pixels} pixel limit", "too_large"

@@ -6,7 +6,7 @@ from PIL import Image
 
 from captioning.config import ImageConfig
 from captioning.errors import CaptioningError, ImageError
-from captioning.images import decode_image, load_image
+from captioning.images import decode_image, decode_with_size, load_image
 
 CONFIG = ImageConfig(size=32)
 
@@ -37,6 +37,15 @@ def test_exif_orientation_is_applied():
     exif[0x0112] = 6  # rotate 90 degrees clockwise on display: the red half ends up on top
     out = decode_image(encode(image, "JPEG", exif=exif), "x", ImageConfig(size=60))
     assert out[5, 30, 0] > 200 and out[55, 30, 2] > 200
+
+
+def test_stored_size_is_reported_before_draft_decoding_and_rotation():
+    big = encode(Image.new("RGB", (1000, 800), (10, 20, 30)), "JPEG")  # draft mode decodes it at 1/8
+    assert decode_with_size(big, "x", CONFIG)[1] == (1000, 800)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out, size = decode_with_size(encode(Image.new("RGB", (60, 20)), "JPEG", exif=exif), "x", CONFIG)
+    assert size == (60, 20) and out.shape == (32, 32, 3)
 
 
 def test_not_an_image_truncated_and_too_large_name_the_source():

@@ -160,13 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--url-column", default="url")
     batch.add_argument("--id-column", default=None)
     batch.add_argument("--caption-column", default="caption", help="reference caption, kept in the output")
-    batch.add_argument("--shard-size", type=int, default=256, help="rows per committed output shard")
-    batch.add_argument("--actors", type=int, default=1, help="captioning actors (each loads the model once)")
+    batch.add_argument("--shard-size", type=_positive, default=256, help="rows per committed output shard")
+    batch.add_argument("--actors", type=_positive, default=1, help="captioning actors (each loads the model once)")
     batch.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per captioning actor")
     batch.add_argument("--actor-cpus", type=float, default=1.0, help="CPUs Ray reserves per captioning actor")
-    batch.add_argument("--inference-threads", type=int, default=None,
+    batch.add_argument("--inference-threads", type=_positive, default=None,
                        help="TensorFlow threads per captioning actor (default: all CPUs of its node)")
-    batch.add_argument("--fetch-threads", type=int, default=32, help="concurrent requests per fetch task")
+    batch.add_argument("--fetch-threads", type=_positive, default=32, help="concurrent requests per fetch task")
     batch.add_argument("--no-attention", action="store_true", help="skip attention maps")
     batch.add_argument("--attention-png", type=int, default=0, metavar="N",
                        help="also write overlay PNGs for the first N manifest rows")

@@ -55,7 +55,7 @@ def merge(*stages: tuple[str, dict]) -> dict:
     return timing
 
 
-def stage_report(timings: list[dict], images: int, actors: int, started: float, finished: float) -> dict:
+def stage_report(timings: list[dict], images: int, actors: int, started: float) -> dict:
     """Seconds and ms/image per kind of work, start-up, steady rate, caption-actor busy share, bounding stage."""
     if not timings:
         return {}
@@ -83,5 +83,4 @@ def stage_report(timings: list[dict], images: int, actors: int, started: float, 
         "caption_busy": round(busy, 3),
         "bound_by": bound,
         "why": why,
-        "wall_seconds": round(finished - started, 3),
     }

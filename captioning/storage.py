@@ -6,8 +6,8 @@ import hashlib
 import mimetypes
 import os
 import shutil
-import uuid
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit

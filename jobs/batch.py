@@ -23,7 +23,7 @@ def run(config: BulkConfig, address: str | None = None, log: Callable[[str], Non
     """Caption every manifest row into config.output exactly once; returns the _SUCCESS summary."""
     import ray  # noqa: PLC0415
 
-    started, started_at = time.monotonic(), time.time()
+    started = time.time()
     config = config.with_absolute_paths()
     storage = Storage(config.storage)
     todo, total_rows = plan_shards(config, storage)
@@ -57,10 +57,10 @@ def run(config: BulkConfig, address: str | None = None, log: Callable[[str], Non
         for summary in written.iter_rows():
             fresh.update({"rows": summary["fresh"], "ok": summary["ok"], "failed": summary["failed"]})
             bar.update(summary["fresh"])
-            rate = fresh["rows"] / max(time.monotonic() - started, 1e-9)
+            rate = fresh["rows"] / max(time.time() - started, 1e-9)
             bar.set_postfix(ok=fresh["ok"], failed=fresh["failed"], rows_per_s=f"{rate:.1f}")
         bar.close()
-    summary = summarise(config, storage, total_rows, shards_total, fresh["rows"], started_at)
+    summary = summarise(config, storage, total_rows, shards_total, fresh["rows"], started)
     log(f"{summary['rows']} rows: " + ", ".join(f"{k} {v}" for k, v in summary["statuses"].items())
         + f"; {summary['rows_per_second']:.1f} rows/s this run; output {config.output}")
     if summary["stages"]:
@@ -92,11 +92,10 @@ def summarise(config: BulkConfig, storage: Storage, total_rows: int, shards_tota
         raise CaptioningError(config.output, f"{len(markers)}/{shards_total} shards and {rows}/{total_rows} rows "
                               "committed; rerun the same command to finish")
     statuses = Counter(status for m in markers for status in m["statuses"])
-    finished_at = time.time()
-    seconds = finished_at - started_at
+    seconds = time.time() - started_at
     this_run = [m for m in markers if m["committed"] >= started_at and "timing" in m]
     stages = stage_report([m["timing"] for m in this_run], sum(m["images"] for m in this_run), config.actors,
-                          started_at, finished_at)
+                          started_at)
     summary = {"rows": rows, "shards": shards_total, "statuses": dict(statuses.most_common()),
                "rows_processed_this_run": processed, "wall_seconds": seconds,
                "rows_per_second": processed / seconds if seconds else 0.0, "stages": stages,

@@ -1,20 +1,27 @@
 """Bulk captioning stages, each a plain function or callable class (Ray Data wires them in jobs/batch.py).
 
 Layout under the output URI:
+  _plan.json                   what the output was planned from (manifest fingerprint, shard size, columns):
+                               a rerun with anything else is refused, so shards never mix two plans
+  _lease.json                  held by the run writing the output (captioning/lease.py)
   _input/shard-NNNNN.jsonl     the manifest rows of each shard (written by plan_shards; input of fetch)
   captions/shard-NNNNN.parquet one row per input row: id, url, caption, score, status, ...
-  attention/shard-NNNNN.npy    float16 (words, 7, 7) maps of the shard, rows address them by offset/length
-  _committed/shard-NNNNN.json  commit marker, written last: a shard without one is redone on rerun; it also
-                               holds the shard's stage timings (captioning/stage_timings.py)
-  attention-png/<id>.png       optional overlays for the first --attention-png rows
+  attention/shard-NNNNN.<attempt id>.npy  float16 (words, 7, 7) maps, rows address them by offset/length;
+                               a new name per attempt, so rows kept from an earlier attempt keep their maps
+  _committed/shard-NNNNN.json  commit marker, written last: a shard without one is redone on rerun; it holds
+                               the shard's row range and its stage timings (captioning/stage_timings.py)
+  attention-png/<id>.png       optional overlays for the first --attention-png rows (unsafe ids are hashed)
   _SUCCESS.json                summary of the run
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import re
 import time
+import uuid
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -24,13 +31,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from captioning.config import FetchConfig, GenerationConfig, ImageConfig
-from captioning.errors import CaptioningError
+from captioning.config import BULK_IMAGE, FetchConfig, GenerationConfig, ImageConfig, StorageConfig
+from captioning.errors import CaptioningError, FetchError, internal_error, redact
 from captioning.fetch import TRANSIENT_REASONS, Fetcher
-from captioning.images import decode_with_size, read_source
-from captioning.manifest import ManifestSpec, iter_rows
+from captioning.images import DecodeBudget, decode_with_size, read_source
+from captioning.manifest import SCHEME, ManifestSpec, iter_rows
 from captioning.stage_timings import StageClock, merge
-from captioning.storage import Storage, StorageConfig, absolute
+from captioning.storage import Storage, absolute
 
 # One output row per input row; every shard is written with exactly this schema.
 OUTPUT_SCHEMA = pa.schema([
@@ -39,10 +46,12 @@ OUTPUT_SCHEMA = pa.schema([
     ("height", pa.int32()), ("fetch_seconds", pa.float32()), ("decode_seconds", pa.float32()),
     ("inference_seconds", pa.float32()),
     ("model_version", pa.string()), ("reference", pa.string()), ("attention_file", pa.string()),
-    ("attention_offset", pa.int64()), ("attention_length", pa.int32()),
+    ("attention_offset", pa.int64()), ("attention_length", pa.int32()), ("attention_png", pa.string()),
 ])
 SCHEMA_FIELDS = tuple(OUTPUT_SCHEMA.names)
 PLAN_WRITERS = 16  # concurrent shard-input writes while planning
+PLAN_VERSION = 1
+SAFE_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")
 
 
 @dataclass(frozen=True)
@@ -65,8 +74,12 @@ class BulkConfig:
     attention_png: int = 0
     retry_failed: bool = False
     precision: str = "auto"
+    allow_local_files: bool = False  # read manifest rows that are local paths or file:// (off: a URL job)
+    allow_s3_sources: bool = False  # read s3:// rows with the job's own credentials (off: a URL job)
+    decode_memory: int = 512 * 1024 * 1024  # decoded-pixel bytes one fetch task may hold at once
+    lease_stale_after: float = 120.0  # seconds without a heartbeat before another run may take the output
     fetch: FetchConfig = field(default_factory=FetchConfig)
-    image: ImageConfig = field(default_factory=ImageConfig)
+    image: ImageConfig = field(default_factory=lambda: BULK_IMAGE)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
 
@@ -85,11 +98,53 @@ def shard_name(shard: int) -> str:
     return f"shard-{shard:05d}"
 
 
+def file_id(row_id: str) -> str:
+    """A row id as a file name: kept when plainly safe, else hashed (ids come from the manifest)."""
+    if SAFE_ID.match(row_id) and row_id not in (".", ".."):
+        return row_id
+    return "id-" + hashlib.sha256(row_id.encode()).hexdigest()[:20]
+
+
+def plan_record(config: BulkConfig, storage: Storage) -> dict[str, Any]:
+    """What decides which rows land in which shard: the manifest's content, the shard size and the columns."""
+    spec = config.spec
+    return {"plan_version": PLAN_VERSION, "manifest": storage.describe(config.manifest),
+            "shard_size": config.shard_size, "format": spec.format, "url_column": spec.image_column,
+            "caption_column": spec.caption_column, "id_column": spec.id_column}
+
+
+def check_plan(config: BulkConfig, storage: Storage) -> None:
+    """Record the plan on a first run; refuse a rerun whose plan differs, before any work."""
+    plan = plan_record(config, storage)
+    where = uri(config.output, "_plan.json")
+    if storage.create(where, json.dumps(plan, indent=2).encode()):
+        if storage.list(uri(config.output, "_committed")):
+            storage.delete(where)
+            raise CaptioningError(config.output, "holds shards from a run without a plan record (an older "
+                                  "version); use a new --output")
+        return
+    data = storage.read_tagged(where)
+    old = json.loads(data[0]) if data else {}
+    changed = [f"{key} {_plan_value(old.get(key))} -> {_plan_value(value)}"
+               for key, value in plan.items() if old.get(key) != value]
+    if changed:
+        raise CaptioningError(config.output, "was planned with other settings (" + "; ".join(changed) + "): "
+                              "rerun with the original manifest and options, or pass a new --output to start over")
+
+
+def _plan_value(value: Any) -> str:
+    if isinstance(value, dict):  # a manifest fingerprint: its size and a short hash say enough
+        digest = str(value.get("sha256") or value.get("etag") or "").strip('"')[:12]
+        return f"{value.get('bytes')} bytes {digest}"
+    return repr(value)
+
+
 def plan_shards(config: BulkConfig, storage: Storage) -> tuple[list[int], int]:
     """Stream the manifest into per-shard input files; returns the shards to process and the total row count.
 
     A committed shard is skipped, unless retry_failed is set and it holds transient failures.
     """
+    check_plan(config, storage)
     committed = {name.rsplit("/", 1)[-1].removesuffix(".json") for name in storage.list(uri(config.output, "_committed"))
                  if name.endswith(".json")}
     todo, rows, batch, shard = [], 0, [], 0
@@ -110,7 +165,8 @@ def plan_shards(config: BulkConfig, storage: Storage) -> tuple[list[int], int]:
 
     with ThreadPoolExecutor(PLAN_WRITERS) as pool:
         for row in iter_rows(config.manifest, config.spec, storage):
-            batch.append({"row": row.row, "index": rows, "id": row.id, "url": row.image,
+            # url is the cell as written (outputs trace back to it verbatim); source is where it resolves.
+            batch.append({"row": row.row, "index": rows, "id": row.id, "url": row.value, "source": row.image,
                           "reference": row.captions[0] if row.captions else None,
                           "error": str(row.error) if row.error else None})
             rows += 1
@@ -129,6 +185,28 @@ def _has_transient(config: BulkConfig, storage: Storage, shard: int) -> bool:
     return any(status in TRANSIENT_REASONS for status in marker["statuses"])
 
 
+def admit(row: dict[str, Any], config: BulkConfig) -> str:
+    """The source to read for a row, or a FetchError (bad_url, unsupported_scheme): a URL job reads only URLs."""
+    value = (row["url"] or "").strip()
+    scheme = SCHEME.match(value)
+    name = scheme.group(0)[:-3].lower() if scheme else ""
+    if name in ("http", "https"):
+        return value
+    if name == "s3":
+        if config.allow_s3_sources:
+            return value
+        raise FetchError(redact(value), "s3:// rows are read only with --allow-s3-sources", "unsupported_scheme")
+    if name == "file" or not scheme:
+        if config.allow_local_files:
+            return row["source"]
+        if name == "file":
+            raise FetchError(redact(value), "local files are read only with --allow-local-files",
+                             "unsupported_scheme")
+        raise FetchError(redact(value), "not an http(s) URL (local paths are read only with --allow-local-files)",
+                         "bad_url")
+    raise FetchError(redact(value), f"unsupported scheme {name!r} (only http and https)", "unsupported_scheme")
+
+
 def fetch_shard(item: dict[str, Any], config: BulkConfig) -> dict[str, Any]:
     """Fetch and decode every row of one shard, many requests at once; failures become row statuses."""
     clock = StageClock()
@@ -144,6 +222,7 @@ def fetch_shard(item: dict[str, Any], config: BulkConfig) -> dict[str, Any]:
         previous = _read_previous(config, storage, shard)
         keep = {r["row"]: r for r in previous if r["status"] not in TRANSIENT_REASONS}
     fetcher = Fetcher(config.fetch)
+    budget = DecodeBudget(config.decode_memory)
 
     def load(row: dict) -> tuple[dict, np.ndarray | None]:
         out = {**row, "status": "ok", "error": None, "width": None, "height": None, "fetch_seconds": 0.0,
@@ -152,15 +231,19 @@ def fetch_shard(item: dict[str, Any], config: BulkConfig) -> dict[str, Any]:
             return {**out, "status": "bad_row", "error": row["error"]}, None
         start = time.perf_counter()
         try:
-            data = read_source(row["url"], fetcher, storage)
+            source = admit(row, config)
+            data = read_source(source, fetcher, storage, max_bytes=config.fetch.max_bytes)
             out["fetch_seconds"] = time.perf_counter() - start
             start = time.perf_counter()
-            image, (width, height) = decode_with_size(data, row["url"], config.image)
+            image, (width, height) = decode_with_size(data, redact(source), config.image, budget)
             return {**out, "width": width, "height": height, "decode_seconds": time.perf_counter() - start}, image
         except CaptioningError as err:
-            spent = time.perf_counter() - start  # since the fetch began, or since decoding began if it got that far
-            return {**out, "status": err.reason, "error": str(err),
-                    **({"decode_seconds": spent} if out["fetch_seconds"] else {"fetch_seconds": spent})}, None
+            status, error = err.reason, str(err)
+        except Exception as err:  # noqa: BLE001  (one row's surprise must never fail the shard)
+            status, error = "internal_error", internal_error(err, row["url"] or "")
+        spent = time.perf_counter() - start  # since the fetch began, or since decoding began if it got that far
+        return {**out, "status": status, "error": error,
+                **({"decode_seconds": spent} if out["fetch_seconds"] else {"fetch_seconds": spent})}, None
 
     todo = [r for r in rows if r["row"] not in keep]
     with ThreadPoolExecutor(config.fetch_threads) as pool:
@@ -171,6 +254,7 @@ def fetch_shard(item: dict[str, Any], config: BulkConfig) -> dict[str, Any]:
     return {
         "shard": shard,
         "attempt": attempt,
+        "range": json.dumps([rows[0]["index"], rows[-1]["index"]]),
         "rows": json.dumps([meta for meta, _ in loaded]),
         "kept": json.dumps(list(keep.values())),
         "images": np.stack(images).tobytes() if images else b"",
@@ -230,12 +314,13 @@ class CaptionShard:
                     maps.append(attention)
                     offset += len(attention)
                     if row["index"] < self.config.attention_png:  # the first N data rows of the manifest
-                        self._overlay(images[start + i], caption, out.attention[i], row["id"])
+                        row["attention_png"] = self._overlay(images[start + i], caption, out.attention[i], row["id"])
         attention = np.concatenate(maps) if maps else np.zeros((0, 7, 7), np.float16)
         buffer = io.BytesIO()
         np.save(buffer, attention, allow_pickle=False)
         timing = [*json.loads(item["timing"]), ["caption", clock.finish()], ["actor_init", self.init_record]]
-        return {"shard": item["shard"], "attempt": item["attempt"], "rows": json.dumps(rows), "kept": item["kept"],
+        return {"shard": item["shard"], "attempt": item["attempt"], "range": item["range"], "rows": json.dumps(rows),
+                "kept": item["kept"],
                 "attention": buffer.getvalue(), "model_version": self.bundle.version, "timing": json.dumps(timing)}
 
     @property
@@ -250,14 +335,16 @@ class CaptionShard:
 
             tf.test.experimental.sync_devices()
 
-    def _overlay(self, image: np.ndarray, caption: str, attention: np.ndarray, row_id: str) -> None:
+    def _overlay(self, image: np.ndarray, caption: str, attention: np.ndarray, row_id: str) -> str:
+        """Write one overlay PNG; returns its path under the output."""
         from captioning.plots import plot_attention  # noqa: PLC0415
 
         buffer = io.BytesIO()
         plot_attention(image, caption.split(), attention, buffer, caption)
-        # Idempotent: a redone shard rewrites the same file.
-        Storage(self.config.storage).write_bytes(uri(self.config.output, "attention-png", f"{row_id}.png"),
-                                                 buffer.getvalue(), "image/png")
+        # Idempotent: a redone shard rewrites the same file. Ids are manifest data: never a path as given.
+        name = f"attention-png/{file_id(row_id)}.png"
+        Storage(self.config.storage).write_bytes(uri(self.config.output, name), buffer.getvalue(), "image/png")
+        return name
 
 
 def write_shard(item: dict[str, Any], config: BulkConfig) -> dict[str, Any]:
@@ -266,8 +353,9 @@ def write_shard(item: dict[str, Any], config: BulkConfig) -> dict[str, Any]:
     storage = Storage(config.storage)
     shard, name = int(item["shard"]), shard_name(int(item["shard"]))
     attempt = int(item["attempt"])
-    # Each retry writes its own attention file: rows kept from earlier attempts still point into theirs.
-    attention_file = f"attention/{name}.npy" if attempt == 0 else f"attention/{name}.r{attempt}.npy"
+    # Every attempt writes its own attention file, never one an earlier attempt wrote: rows kept from that
+    # attempt (even one whose marker a crash never wrote) still point into theirs.
+    attention_file = f"attention/{name}.{uuid.uuid4().hex[:12]}.npy"
     fresh = []
     for row in json.loads(item["rows"]):
         has_map = row.get("attention_length") is not None
@@ -283,7 +371,9 @@ def write_shard(item: dict[str, Any], config: BulkConfig) -> dict[str, Any]:
             storage.write_bytes(uri(config.output, attention_file), item["attention"], "application/octet-stream")
         storage.write_bytes(uri(config.output, "captions", f"{name}.parquet"), buffer.getvalue())
     statuses = [r["status"] for r in rows]
+    first, last = json.loads(item["range"])
     marker = {"shard": shard, "rows": len(rows), "statuses": statuses, "model_version": item["model_version"],
+              "first_row": first, "last_row": last,  # positions in the manifest, checked before _SUCCESS.json
               "attempt": attempt, "committed": time.time(),
               "images": sum(r["caption"] is not None for r in fresh),  # captioned in this attempt
               "timing": merge(*json.loads(item["timing"]), ["write", clock.finish()])}

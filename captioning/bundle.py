@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from captioning import __version__
+from captioning.atomic import atomic_path, atomic_write
 from captioning.config import ModelConfig
 from captioning.errors import BundleError
-from captioning.features import Backbone
+from captioning.features import BACKBONES, Backbone
 from captioning.model import Captioner
 from captioning.devices import resolve_precision
 from captioning.storage import Storage, StorageError, is_s3
@@ -20,6 +21,50 @@ from captioning.text import Tokenizer
 
 FORMAT, FORMAT_VERSION = "captioning-bundle", 1
 MANIFEST, VOCABULARY, DECODER, BACKBONE = "bundle.json", "vocabulary.json", "decoder.weights.h5", "backbone.weights.h5"
+
+_COUNT = {"type": "integer", "minimum": 1}
+# bundle.json is checked against this before anything is built from it: a bad file is one clear error.
+SCHEMA = {
+    "type": "object",
+    "required": ["format", "format_version", "version", "model", "backbone"],
+    "properties": {
+        "format": {"const": FORMAT},
+        "format_version": {"const": FORMAT_VERSION},
+        "version": {"type": "string", "pattern": "^[0-9a-f]{12}$"},
+        "model": {
+            "type": "object",
+            "required": ["vocab_size", "max_length", "d_model", "num_layers", "num_heads", "ff_multiplier",
+                         "dropout", "backbone"],
+            "additionalProperties": False,
+            "properties": {
+                "vocab_size": {"type": "integer", "minimum": 4}, "max_length": {"type": "integer", "minimum": 3},
+                "d_model": _COUNT, "num_layers": _COUNT, "num_heads": _COUNT, "ff_multiplier": _COUNT,
+                "dropout": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
+                "backbone": {"enum": sorted(BACKBONES)},
+            },
+        },
+        "backbone": {
+            "type": "object",
+            "required": ["name", "fingerprint"],
+            "properties": {"name": {"enum": sorted(BACKBONES)}, "fingerprint": {"type": "string"},
+                           "weights_source": {"type": "string"}, "channels": _COUNT},
+        },
+        "metrics": {"type": "object"},
+    },
+}
+
+
+def validate_manifest(manifest: object) -> None:
+    """Raise ValueError naming the first field of a bundle.json that does not fit SCHEMA."""
+    import jsonschema  # noqa: PLC0415
+
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(SCHEMA).iter_errors(manifest))
+    if error is not None:
+        where = ".".join(str(part) for part in error.absolute_path) or "top level"
+        raise ValueError(f"{where}: {error.message}")
+    model = manifest["model"]  # type: ignore[index]
+    if model["d_model"] % model["num_heads"]:
+        raise ValueError(f"model.d_model {model['d_model']} is not divisible by model.num_heads {model['num_heads']}")
 
 
 @dataclass
@@ -37,14 +82,15 @@ def save_bundle(path: str | Path, model: Captioner, backbone: Backbone, metrics:
     """Write the bundle files; bundle.json goes last and marks the bundle complete. Returns the version."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    model.tokenizer.save(_tmp(path / VOCABULARY))
-    model.save_weights(str(_tmp(path / DECODER)))
-    backbone.save(_tmp(path / BACKBONE))
+    (path / MANIFEST).unlink(missing_ok=True)  # until the new one is written, the folder is not a bundle
+    model.tokenizer.save(path / VOCABULARY)
+    with atomic_path(path / DECODER) as tmp:
+        model.save_weights(str(tmp))
+    with atomic_path(path / BACKBONE) as tmp:
+        backbone.save(tmp)
     digest = hashlib.sha256()
     for name in (VOCABULARY, DECODER):
-        digest.update(_tmp(path / name).read_bytes())
-        _tmp(path / name).replace(path / name)
-    _tmp(path / BACKBONE).replace(path / BACKBONE)
+        digest.update((path / name).read_bytes())
     version = digest.hexdigest()[:12]
     manifest = {
         "format": FORMAT,
@@ -57,8 +103,7 @@ def save_bundle(path: str | Path, model: Captioner, backbone: Backbone, metrics:
                      "fingerprint": backbone.fingerprint(), "channels": backbone.channels},
         "metrics": metrics or {},
     }
-    _tmp(path / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    _tmp(path / MANIFEST).replace(path / MANIFEST)
+    atomic_write(path / MANIFEST, json.dumps(manifest, indent=2).encode())
     return version
 
 
@@ -79,15 +124,12 @@ def load_bundle(path: str | Path, precision: str = "float32", storage: Storage |
     manifest_path = path / MANIFEST
     try:
         manifest = json.loads(manifest_path.read_text())
-        if manifest.get("format") != FORMAT:
-            raise ValueError(f"not a {FORMAT} file")
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"bundle format version {manifest.get('format_version')} is not supported")
+        validate_manifest(manifest)
         config = ModelConfig.from_dict(manifest["model"])
         backbone_info = manifest["backbone"]
     except FileNotFoundError:
         raise BundleError(str(manifest_path), "missing: not a complete model bundle") from None
-    except (ValueError, KeyError, TypeError) as err:
+    except (ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
         raise BundleError(str(manifest_path), f"corrupt bundle manifest: {err}") from None
     try:
         tokenizer = Tokenizer.load(path / VOCABULARY)
@@ -118,8 +160,3 @@ def _existing(path: Path) -> Path:
     if not path.is_file():
         raise BundleError(str(path), "missing: not a complete model bundle")
     return path
-
-
-def _tmp(path: Path) -> Path:
-    # Keras insists on the .weights.h5 ending, so the marker goes in front of the name.
-    return path.with_name(f".tmp-{path.name}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter off the console
 
-from captioning.config import FetchConfig, ImageConfig, ModelConfig, TrainConfig  # noqa: E402
+from captioning.config import BULK_IMAGE, FetchConfig, ImageConfig, ModelConfig, TrainConfig  # noqa: E402
 from captioning.errors import CaptioningError  # noqa: E402
 
 
@@ -37,6 +38,28 @@ def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
     return int(text)
+
+
+def _seconds(text: str) -> float:
+    """argparse type: a finite number of seconds above zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    """argparse type: a finite number of at least 0 (CPU and GPU shares)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of at least 0, got {text!r}")
+    return value
 
 
 def _generation_args(parser: argparse.ArgumentParser) -> None:
@@ -65,19 +88,24 @@ def _generation_config(args: argparse.Namespace, attention: bool):  # noqa: ANN2
         raise CaptioningError("generation options", str(err)) from None
 
 
-def _network_args(parser: argparse.ArgumentParser) -> None:
+def _network_args(parser: argparse.ArgumentParser, s3: bool = True) -> None:
+    defaults = FetchConfig()
     parser.add_argument("--allow-private-networks", action="store_true",
                         help="let URLs reach private, loopback and link-local addresses (off by default)")
     parser.add_argument("--allow-network", action="append", default=[], metavar="CIDR",
                         help="let URLs reach this private network only (repeatable), e.g. 127.0.0.1/32")
-    parser.add_argument("--timeout", type=float, default=15.0, help="read timeout per request, seconds")
-    parser.add_argument("--s3-endpoint", default=None,
-                        help="S3-compatible endpoint for s3:// URIs (default: AWS_ENDPOINT_URL or AWS itself)")
+    parser.add_argument("--timeout", type=_seconds, default=defaults.read_timeout,
+                        help=f"read timeout per request, seconds (default {defaults.read_timeout:g})")
+    parser.add_argument("--deadline", type=_seconds, default=defaults.deadline,
+                        help=f"total seconds per request, retries and redirects included (default {defaults.deadline:g})")
+    if s3:
+        parser.add_argument("--s3-endpoint", default=None,
+                            help="S3-compatible endpoint for s3:// URIs (default: AWS_ENDPOINT_URL or AWS itself)")
 
 
 def _fetch_config(args: argparse.Namespace) -> FetchConfig:
-    return FetchConfig(read_timeout=args.timeout, allow_private_networks=args.allow_private_networks,
-                       allowed_networks=tuple(args.allow_network))
+    return FetchConfig(read_timeout=args.timeout, deadline=args.deadline,
+                       allow_private_networks=args.allow_private_networks, allowed_networks=tuple(args.allow_network))
 
 
 def _storage(args: argparse.Namespace):  # noqa: ANN202
@@ -101,14 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     flickr = data.add_parser("flickr8k", help="download Flickr8k and write train/val/test manifests")
     flickr.add_argument("--out", required=True)
     flickr.add_argument("--base-url", default=None, help="mirror of the Flickr8k zips")
-    _network_args(flickr)
+    _network_args(flickr, s3=False)
     cc = data.add_parser("conceptual-captions", help="download Conceptual Captions images from the TSV")
     cc.add_argument("--out", required=True)
     cc.add_argument("--split", choices=["train", "validation"], default="validation")
     cc.add_argument("--limit", type=int, default=None, help="only the first N rows")
     cc.add_argument("--workers", type=int, default=32)
     cc.add_argument("--base-url", default=None, help="mirror of the gcc-data bucket")
-    _network_args(cc)
+    _network_args(cc, s3=False)
 
     train = commands.add_parser("train", help="train a captioner into a model directory")
     train.add_argument("--train", required=True, help="training manifest")
@@ -162,8 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--caption-column", default="caption", help="reference caption, kept in the output")
     batch.add_argument("--shard-size", type=_positive, default=256, help="rows per committed output shard")
     batch.add_argument("--actors", type=_positive, default=1, help="captioning actors (each loads the model once)")
-    batch.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per captioning actor")
-    batch.add_argument("--actor-cpus", type=float, default=1.0, help="CPUs Ray reserves per captioning actor")
+    batch.add_argument("--num-gpus", type=_non_negative, default=0.0, help="GPUs per captioning actor")
+    batch.add_argument("--actor-cpus", type=_non_negative, default=1.0, help="CPUs Ray reserves per captioning actor")
     batch.add_argument("--inference-threads", type=_positive, default=None,
                        help="TensorFlow threads per captioning actor (default: all CPUs of its node)")
     batch.add_argument("--fetch-threads", type=_positive, default=32, help="concurrent requests per fetch task")
@@ -171,6 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--attention-png", type=int, default=0, metavar="N",
                        help="also write overlay PNGs for the first N manifest rows")
     batch.add_argument("--retry-failed", action="store_true", help="redo only rows with transient failures")
+    batch.add_argument("--allow-local-files", action="store_true",
+                       help="also read rows that are local paths or file:// URIs (off: a URL job reads no local file)")
+    batch.add_argument("--allow-s3-sources", action="store_true",
+                       help="also read s3:// rows, with this job's credentials (off by default)")
+    batch.add_argument("--max-pixels", type=_positive, default=BULK_IMAGE.max_pixels,
+                       help=f"refuse images with more pixels than this (default {BULK_IMAGE.max_pixels:,})")
+    batch.add_argument("--decode-memory", type=_positive, default=512, metavar="MIB",
+                       help="decoded-image memory one fetch task may hold at once, MiB (default 512)")
     batch.add_argument("--address", default=None, help="Ray cluster address (default: local Ray in-process)")
     batch.add_argument("--no-progress", action="store_true")
     _generation_args(batch)
@@ -235,11 +271,13 @@ def cmd_train(args: argparse.Namespace) -> int:
                         num_layers=args.layers, num_heads=args.heads, dropout=args.dropout, backbone=args.backbone)
     if args.d_model % args.heads:
         raise CaptioningError("--d-model", f"{args.d_model} is not divisible by --heads {args.heads}")
+    storage = _storage(args)
     config = TrainConfig(model=model, weights=args.weights, epochs=args.epochs, batch_size=args.batch_size,
                          learning_rate=args.learning_rate, patience=args.patience, seed=args.seed,
-                         cache_dir=args.cache_dir, steps_per_epoch=args.steps_per_epoch, fetch=_fetch_config(args))
+                         cache_dir=args.cache_dir, steps_per_epoch=args.steps_per_epoch, fetch=_fetch_config(args),
+                         storage=storage.config)
     spec = _manifest_spec(args)
-    result = train(read_manifest(args.train, spec), read_manifest(args.val, spec), args.out, config,
+    result = train(read_manifest(args.train, spec, storage), read_manifest(args.val, spec, storage), args.out, config,
                    progress=not args.no_progress, log=_log)
     _log(f"model {result.version} written to {result.bundle} (best epoch {result.best_epoch})")
     return 0
@@ -298,9 +336,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_batch(args: argparse.Namespace) -> int:
     """captioning batch: dispatches to the Ray job."""
+    from dataclasses import replace  # noqa: PLC0415
+
     from captioning.bulk import BulkConfig  # noqa: PLC0415
+    from captioning.config import StorageConfig  # noqa: PLC0415
     from captioning.manifest import ManifestSpec  # noqa: PLC0415
-    from captioning.storage import StorageConfig  # noqa: PLC0415
     from jobs.batch import run  # noqa: PLC0415
 
     config = BulkConfig(
@@ -310,10 +350,18 @@ def cmd_batch(args: argparse.Namespace) -> int:
         inference_threads=args.inference_threads, actor_cpus=args.actor_cpus,
         fetch_threads=args.fetch_threads, attention=not args.no_attention, attention_png=args.attention_png,
         retry_failed=args.retry_failed, precision=args.precision, fetch=_fetch_config(args),
+        allow_local_files=args.allow_local_files, allow_s3_sources=args.allow_s3_sources,
+        image=replace(BULK_IMAGE, max_pixels=args.max_pixels, max_decode_bytes=args.max_pixels * 8),
+        decode_memory=args.decode_memory * 1024 * 1024,
         generation=_generation_config(args, attention=not args.no_attention),
         storage=StorageConfig(s3_endpoint=args.s3_endpoint),
     )
-    run(config, address=args.address, log=_log, progress=not args.no_progress)
+    summary = run(config, address=args.address, log=_log, progress=not args.no_progress)
+    if summary["rows"] and summary["statuses"].get("bad_row") == summary["rows"]:
+        # Every row malformed is a misread manifest (wrong --url-column or --format), not a result.
+        print(f"error: {args.manifest}: every one of its {summary['rows']} rows is malformed (bad_row); check "
+              f"--format and --url-column (now {args.url_column!r})", file=sys.stderr)
+        return 1
     return 0  # every row is committed; failed rows are output rows with their status, not a failed job
 
 
@@ -321,6 +369,7 @@ def cmd_storage(args: argparse.Namespace) -> int:
     """captioning storage serve: SeaweedFS until Ctrl+C or SIGTERM; the secret goes to a 0600 file, not the log."""
     import signal  # noqa: PLC0415
 
+    from captioning.atomic import atomic_write  # noqa: PLC0415
     from captioning.seaweed import PORT_FLAGS, SeaweedServer, free_ports  # noqa: PLC0415
 
     data = Path(args.dir)
@@ -335,8 +384,8 @@ def cmd_storage(args: argparse.Namespace) -> int:
         for bucket in args.bucket:
             server.create_bucket(bucket)
         env_file = data / "credentials.env"
-        env_file.touch(mode=0o600)
-        env_file.write_text("".join(f"export {k}={v}\n" for k, v in server.env().items()))
+        # 0600 even when an older file was there: it holds the secret key.
+        atomic_write(env_file, "".join(f"export {k}={v}\n" for k, v in server.env().items()).encode(), mode=0o600)
         _log(f"S3 endpoint {server.endpoint} (access key {server.access_key}); "
              f"credentials: source {env_file}; stop with Ctrl+C")
         try:

@@ -39,7 +39,10 @@ class FetchConfig:
     """How URLs are fetched: timeouts, retries, limits and the private-address guard."""
 
     connect_timeout: float = 5.0
-    read_timeout: float = 15.0
+    read_timeout: float = 15.0  # per read: a silent server
+    deadline: float = 60.0  # per request, retries and redirects included: a server that drips bytes
+    min_rate: float = 1024.0  # bytes/s a response must average once min_rate_after seconds have passed
+    min_rate_after: float = 10.0
     retries: int = 3
     backoff: float = 0.5  # seconds, doubled per retry
     max_bytes: int = 32 * 1024 * 1024
@@ -56,6 +59,23 @@ class ImageConfig:
 
     size: int = 224
     max_pixels: int = 64_000_000  # decompression-bomb limit, checked from the header before decoding
+    max_decode_bytes: int = 512 * 1024 * 1024  # memory one decode may take (pixels x bytes per pixel)
+    formats: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")  # Pillow plugins tried (JPEG covers MPO)
+
+
+# Bulk decodes: a lower pixel limit than single images get, since many fetch threads decode at once.
+BULK_IMAGE = ImageConfig(max_pixels=25_000_000, max_decode_bytes=25_000_000 * 8)
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Object-storage settings; anything unset comes from the standard AWS environment and config files."""
+
+    s3_endpoint: str | None = None  # e.g. http://127.0.0.1:8333 for SeaweedFS; AWS_ENDPOINT_URL also works
+    region: str | None = None
+    path_style: bool | None = None  # None: path-style addressing when an endpoint is given (most S3 clones)
+    multipart_threshold: int = 64 * 1024 * 1024
+    max_attempts: int = 10
 
 
 @dataclass(frozen=True)
@@ -73,6 +93,7 @@ class TrainConfig:
     cache_dir: str | None = None  # feature cache; default <out>/feature-cache
     image: ImageConfig = field(default_factory=ImageConfig)
     fetch: FetchConfig = field(default_factory=FetchConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     steps_per_epoch: int | None = None  # cap, for quick runs
     max_seconds: float | None = None  # wall-clock budget for the epochs; checked after each epoch
     sample_every_epoch: bool = True

@@ -15,7 +15,15 @@ GPU_BATCH_SIZE = 256
 
 def has_gpu() -> bool:
     """True when TensorFlow sees at least one GPU."""
-    return bool(tf.config.list_physical_devices("GPU"))
+    return gpu_capability() is not None
+
+
+def gpu_capability() -> tuple[int, int] | None:
+    """The first GPU's CUDA compute capability ((0, 0) if unknown), or None without a GPU."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return None
+    return tuple(tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0)))
 
 
 def resolve_precision(precision: str = "auto") -> str:
@@ -24,12 +32,11 @@ def resolve_precision(precision: str = "auto") -> str:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if precision != "auto":
         return precision
-    gpus = tf.config.list_physical_devices("GPU")
-    if not gpus:
+    capability = gpu_capability()
+    if capability is None:
         # CPUs gain little from half precision and some lack fast bf16 kernels; keep full precision.
         return "float32"
-    major, _ = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0))
-    return "mixed_bfloat16" if major >= 8 else "mixed_float16"
+    return "mixed_bfloat16" if capability[0] >= 8 else "mixed_float16"
 
 
 def resolve_batch_size(batch_size: int | None) -> int:
@@ -48,5 +55,8 @@ def use_cpu_threads(threads: int | None) -> int:
     reservation is a scheduling hint, and the fetch tasks beside it mostly wait on the network.
     """
     threads = threads or len(os.sched_getaffinity(0))
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+    except RuntimeError:  # TensorFlow already ran ops in this process (a stage used in-process): keep its pool
+        return tf.config.threading.get_intra_op_parallelism_threads()
     return threads

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+import re
+
+_USERINFO = re.compile(r"(?<=//)[^/?#@\s]*@")
+_logged_internal: set[str] = set()
+
 
 class CaptioningError(Exception):
     """A user-facing failure about one named input (file, URL, row, model directory)."""
@@ -27,3 +33,26 @@ class FetchError(CaptioningError):
 
 class BundleError(CaptioningError):
     """A model directory that is missing, incomplete or corrupt."""
+
+
+def redact(url: str) -> str:
+    """url without user:password@ and with its query and fragment cut, for error messages and logs."""
+    cut = _USERINFO.sub("***@", url, count=1)
+    for mark, keep in (("?", "?..."), ("#", "")):
+        if mark in cut:
+            cut = cut.split(mark, 1)[0] + keep
+    return cut
+
+
+def internal_error(err: Exception, source: str) -> str:
+    """An unexpected exception while handling one row, as that row's error text.
+
+    Its first occurrence per exception type is logged with a traceback; the rest live in their rows.
+    """
+    kind = type(err).__name__
+    text = " ".join(redact(word) if "://" in word else word for word in str(err).split())
+    if kind not in _logged_internal:
+        _logged_internal.add(kind)
+        logging.getLogger("captioning").error("internal error on %s (later %s errors are recorded in their rows "
+                                              "only)", redact(source), kind, exc_info=err)
+    return f"{kind}: {text}"[:500]

@@ -15,6 +15,7 @@ import tensorflow as tf
 from einops import rearrange
 from tqdm import tqdm
 
+from captioning.atomic import atomic_path, atomic_write
 from captioning.errors import CaptioningError
 
 
@@ -46,7 +47,14 @@ class Backbone:
         self.weights_source = weights
         shape = (image_size, image_size, 3)
         if weights == "imagenet":
-            self.model = self.spec.build(input_shape=shape, include_top=False, weights="imagenet")
+            try:
+                self.model = self.spec.build(input_shape=shape, include_top=False, weights="imagenet")
+            except Exception as err:  # Keras raises a bare Exception ("URL fetch failure ...") when offline
+                cause = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+                raise CaptioningError(
+                    "--weights imagenet", f"cannot download the ImageNet weights of {name} ({cause}); pass "
+                    "--weights none for a seeded random backbone, or --weights FILE.weights.h5 with a local copy",
+                    "weights_unavailable") from None
         else:
             self.model = self.spec.build(input_shape=shape, include_top=False, weights=None)
             if weights == "none":
@@ -175,13 +183,10 @@ class FeatureCache:
     def _write(self, shard: int, keys: list[str], feats: list[np.ndarray]) -> int:
         array = np.concatenate(feats)
         path = self.dir / f"shard-{shard:05d}.npy"
-        with open(path.with_suffix(".tmp"), "wb") as handle:
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
             np.save(handle, array, allow_pickle=False)
-        path.with_suffix(".tmp").replace(path)
         # The keys file is the commit marker: a shard without one is ignored and rewritten.
-        marker = self.dir / f"shard-{shard:05d}.keys.json"
-        marker.with_suffix(".tmp").write_text(json.dumps(keys))
-        marker.with_suffix(".tmp").replace(marker)
+        atomic_write(self.dir / f"shard-{shard:05d}.keys.json", json.dumps(keys).encode())
         for row, key in enumerate(keys):
             self._index[key] = (shard, row)
         return shard + 1

@@ -6,12 +6,14 @@ import ipaddress
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import urljoin, urlsplit
 
 import urllib3
+from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.exceptions import (
     ConnectTimeoutError,
     HTTPError,
@@ -22,7 +24,7 @@ from urllib3.exceptions import (
 )
 
 from captioning.config import FetchConfig
-from captioning.errors import FetchError
+from captioning.errors import FetchError, redact
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 TRANSIENT_REASONS = frozenset({"timeout", "connection_error", "http_408", "http_429", "http_500", "http_502",
@@ -44,15 +46,135 @@ def is_url(source: str) -> bool:
     return source.startswith(("http://", "https://"))
 
 
+# Not caught by ipaddress.is_global on Python 3.11: the whole IETF protocol block (192.0.0.192 is a cloud
+# metadata address) and NAT64 prefixes, whose embedded IPv4 address is checked instead.
+EXTRA_BLOCKED = tuple(ipaddress.ip_network(n) for n in ("192.0.0.0/24",))
+NAT64 = tuple(ipaddress.ip_network(n) for n in ("64:ff9b::/96", "64:ff9b:1::/48"))
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """IPv4 addresses an IPv6 address carries: mapped, 6to4, Teredo (server and client) and NAT64."""
+    found = [ip.ipv4_mapped, ip.sixtofour, *(ip.teredo or ())]
+    if any(ip in net for net in NAT64):
+        found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    return [v4 for v4 in found if v4 is not None]
+
+
 def blocked_reason(address: str) -> str | None:
-    """Why an IP address may not be fetched by default, or None if it is public."""
+    """Why an IP address may not be fetched by default, or None if it is globally reachable."""
     ip = ipaddress.ip_address(address)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        for inner in embedded_ipv4(ip):
+            why = blocked_reason(str(inner))
+            if why:
+                return f"{why} (embedded in {ip})"
+        if any(ip in net for net in NAT64):
+            return None  # a translator's address for the global IPv4 address just checked
     for name in ("is_loopback", "is_link_local", "is_multicast", "is_private", "is_reserved", "is_unspecified"):
         if getattr(ip, name):
             return name.removeprefix("is_").replace("_", "-")
+    if not ip.is_global or any(ip in net for net in EXTRA_BLOCKED):
+        return "non-global"
     return None
+
+
+def check_host(url: str, host: str) -> None:
+    """Refuse host names no resolver could take (empty or over-long labels, bad IDNA) before any lookup."""
+    if host.startswith("[") or ":" in host:
+        return  # an IPv6 literal; urlsplit has already parsed it
+    try:
+        encoded = host.encode("idna")
+    except UnicodeError:
+        raise _error(url, f"invalid host name {host!r}", "bad_url") from None
+    if len(encoded) > 253:
+        raise _error(url, "host name is over 253 characters", "bad_url")
+
+
+def _error(url: str, message: str, reason: str) -> FetchError:
+    return FetchError(redact(url), message, reason)
+
+
+class _Watch:
+    """One request's clock: the total deadline and the transfer rate, checked by the watchdog thread."""
+
+    def __init__(self, deadline: float, min_rate: float, grace: float) -> None:
+        self.deadline, self.min_rate, self.grace = time.monotonic() + deadline, min_rate, grace
+        self.connection: HTTPConnection | None = None
+        self.attempt_started = time.monotonic()
+        self.received = 0
+        self.expired: str | None = None
+
+    def attach(self, connection: HTTPConnection) -> None:
+        """A new attempt starts reading on this connection: the rate is measured per attempt."""
+        self.connection, self.attempt_started, self.received = connection, time.monotonic(), 0
+
+    def check(self, now: float) -> None:
+        """Shut the socket down if the deadline passed or the transfer is too slow; the reader then fails."""
+        if self.expired or self.connection is None:
+            return
+        elapsed = now - self.attempt_started
+        if now > self.deadline:
+            self.expired = "over the total deadline"
+        elif elapsed > self.grace and self.received < self.min_rate * elapsed:
+            self.expired = f"slower than {self.min_rate:.0f} bytes/s after {self.grace:.0f} s"
+        else:
+            return
+        sock = getattr(self.connection, "sock", None)
+        try:
+            if sock is not None:
+                sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+class _Watchdog:
+    """One thread per process that enforces every live request's deadline, even in the middle of a read."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        self.interval = interval
+        self.watches: set[_Watch] = set()
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+
+    def add(self, watch: _Watch) -> None:
+        with self.lock:
+            self.watches.add(watch)
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._run, name="fetch-watchdog", daemon=True)
+                self.thread.start()
+
+    def remove(self, watch: _Watch) -> None:
+        with self.lock:
+            self.watches.discard(watch)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            with self.lock:
+                watches = list(self.watches)
+            now = time.monotonic()
+            for watch in watches:
+                watch.check(now)
+
+
+_WATCHDOG = _Watchdog()
+_current = threading.local()  # the calling thread's _Watch, found by the connection classes below
+
+
+class _WatchedHTTPConnection(HTTPConnection):
+    def getresponse(self):  # noqa: ANN201
+        watch = getattr(_current, "watch", None)
+        if watch is not None:
+            watch.attach(self)
+        return super().getresponse()
+
+
+class _WatchedHTTPSConnection(HTTPSConnection):
+    def getresponse(self):  # noqa: ANN201
+        watch = getattr(_current, "watch", None)
+        if watch is not None:
+            watch.attach(self)
+        return super().getresponse()
 
 
 class Fetcher:
@@ -67,42 +189,65 @@ class Fetcher:
     def get(self, url: str) -> Fetched:
         """GET url and return its body; raises FetchError with a reason code."""
         start = time.monotonic()
-        final, response = self._open(url)
-        try:
-            data = b"".join(self._stream(url, response, self.config.max_bytes))
-        finally:
-            response.release_conn()
+        with self._watching(url, self.config.deadline):
+            final, response = self._open(url)
+            try:
+                data = b"".join(self._stream(url, response, self.config.max_bytes))
+            finally:
+                response.release_conn()
         return Fetched(final, data, response.headers.get("Content-Type", ""), time.monotonic() - start)
 
-    def download(self, url: str, path: Path, max_bytes: int, max_lines: int | None = None) -> Path:
-        """Stream url into path (via path.part, renamed when complete); max_lines stops early for text files."""
-        _, response = self._open(url)
-        part = path.with_name(path.name + ".part")
+    def download(self, url: str, path: Path, max_bytes: int, max_lines: int | None = None,
+                 deadline: float | None = None) -> Path:
+        """Stream url into path (atomically, when complete); max_lines stops early for text files.
+
+        deadline: total seconds for this download (a data set file may take far longer than an image).
+        """
+        from captioning.storage import atomic_path  # noqa: PLC0415  (storage imports this module)
+
         lines = 0
-        try:
-            with open(part, "wb") as handle:
-                for chunk in self._stream(url, response, max_bytes):
-                    if max_lines is not None:
-                        lines += chunk.count(b"\n")
-                        if lines >= max_lines:
-                            cut = _nth_newline(chunk, chunk.count(b"\n") - (lines - max_lines))
-                            handle.write(chunk[: cut + 1])
-                            break
-                    handle.write(chunk)
-        finally:
-            response.release_conn()
-        part.replace(path)
+        with self._watching(url, deadline or self.config.deadline), atomic_path(path) as part:
+            _, response = self._open(url)
+            try:
+                with open(part, "wb") as handle:
+                    for chunk in self._stream(url, response, max_bytes):
+                        if max_lines is not None:
+                            lines += chunk.count(b"\n")
+                            if lines >= max_lines:
+                                cut = _nth_newline(chunk, chunk.count(b"\n") - (lines - max_lines))
+                                handle.write(chunk[: cut + 1])
+                                break
+                        handle.write(chunk)
+            finally:
+                response.release_conn()
         return path
+
+    @contextmanager
+    def _watching(self, url: str, deadline: float) -> Iterator[_Watch]:
+        """Enforce the total deadline and minimum rate of one request (with its retries and redirects)."""
+        watch = _Watch(deadline, self.config.min_rate, self.config.min_rate_after)
+        _current.watch = watch
+        _WATCHDOG.add(watch)
+        try:
+            yield watch
+        except FetchError as err:
+            if watch.expired and err.reason != "timeout":
+                # The watchdog cut the socket; whatever the read then reported, the cause is the clock.
+                raise _error(url, f"{watch.expired} ({deadline:g} s)", "timeout") from None
+            raise
+        finally:
+            _WATCHDOG.remove(watch)
+            _current.watch = None
 
     def _open(self, url: str) -> tuple[str, urllib3.BaseHTTPResponse]:
         """Follow redirects (each hop re-checked by the guard) to a 200 response, body not yet read."""
         try:
             return self._follow(url)
         except FetchError as err:
-            if err.source == url:
+            if err.source == redact(url):
                 raise
             # Name the URL the caller asked for; say where along the redirects it failed.
-            raise FetchError(url, f"{err.message} (at {err.source})", err.reason) from None
+            raise _error(url, f"{err.message} (at {err.source})", err.reason) from None
 
     def _follow(self, url: str) -> tuple[str, urllib3.BaseHTTPResponse]:
         seen = []
@@ -112,37 +257,47 @@ class Fetcher:
             if response.status in (301, 302, 303, 307, 308) and response.headers.get("Location"):
                 response.drain_conn()
                 response.release_conn()
-                url = urljoin(url, response.headers["Location"])
+                try:
+                    url = urljoin(url, response.headers["Location"])
+                except ValueError:  # e.g. "Invalid IPv6 URL"
+                    raise _error(seen[0], f"malformed redirect target {redact(response.headers['Location'])!r}",
+                                 "bad_url") from None
                 if url in seen:
-                    raise FetchError(seen[0], f"redirect loop via {url}", "redirect_loop")
+                    raise _error(seen[0], f"redirect loop via {redact(url)}", "redirect_loop")
                 continue
             if response.status != 200:
                 response.release_conn()
-                raise FetchError(url, f"HTTP {response.status}", f"http_{response.status}")
+                raise _error(url, f"HTTP {response.status}", f"http_{response.status}")
             robots = response.headers.get("X-Robots-Tag", "").lower()
             if self.config.respect_robots_header and ("noai" in robots or "noimageai" in robots):
                 response.release_conn()
-                raise FetchError(url, f"X-Robots-Tag forbids AI use ({robots})", "robots_noai")
+                raise _error(url, f"X-Robots-Tag forbids AI use ({robots})", "robots_noai")
             return url, response
-        raise FetchError(seen[0], f"more than {self.config.max_redirects} redirects", "too_many_redirects")
+        raise _error(seen[0], f"more than {self.config.max_redirects} redirects", "too_many_redirects")
 
     def _get_once(self, url: str) -> urllib3.BaseHTTPResponse:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https"):
-            raise FetchError(url, f"unsupported scheme {parts.scheme!r} (only http and https)", "bad_scheme")
-        if not parts.hostname:
-            raise FetchError(url, "URL has no host", "bad_url")
         try:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-        except ValueError:
-            raise FetchError(url, "URL has an invalid port", "bad_url") from None
+            parts = urlsplit(url)
+            host, port = parts.hostname, parts.port
+        except ValueError as err:  # "Invalid IPv6 URL", a port out of range or not a number
+            raise _error(url, f"malformed URL ({err})", "bad_url") from None
+        if parts.scheme not in ("http", "https"):
+            raise _error(url, f"unsupported scheme {parts.scheme!r} (only http and https)", "bad_scheme")
+        if not host:
+            raise _error(url, "URL has no host", "bad_url")
+        check_host(url, host)
+        port = port or (443 if parts.scheme == "https" else 80)
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         host_header = parts.netloc.rsplit("@", 1)[-1]
         timeout = urllib3.Timeout(connect=self.config.connect_timeout, read=self.config.read_timeout)
         reason, message = "error", ""
+        watch: _Watch | None = getattr(_current, "watch", None)
         for attempt in range(self.config.retries + 1):
             if attempt:
-                time.sleep(self.config.backoff * 2 ** (attempt - 1))
+                pause = self.config.backoff * 2 ** (attempt - 1)
+                if watch is not None and (watch.expired or time.monotonic() + pause > watch.deadline):
+                    break  # the watchdog cut the last attempt, or no time is left for another
+                time.sleep(pause)
             try:
                 address = self._resolve(url, parts.hostname, port)
                 pool = self._pool(parts.scheme, address, port, parts.hostname)
@@ -157,7 +312,7 @@ class Fetcher:
                 reason, message = "timeout", "timed out"
                 continue
             except SSLError as err:
-                raise FetchError(url, f"TLS error: {err}", "tls_error") from None
+                raise _error(url, f"TLS error: {err}", "tls_error") from None
             except (ProtocolError, HTTPError, OSError) as err:
                 reason, message = "connection_error", f"connection failed: {type(err).__name__}"
                 continue
@@ -169,37 +324,48 @@ class Fetcher:
             if response.status >= 400:
                 response.drain_conn()
                 response.release_conn()
-                raise FetchError(url, f"HTTP {response.status}", f"http_{response.status}")
+                raise _error(url, f"HTTP {response.status}", f"http_{response.status}")
             return response
-        raise FetchError(url, f"{message} after {self.config.retries + 1} attempts", reason)
+        if watch is not None and watch.expired:
+            raise _error(url, watch.expired, "timeout")
+        raise _error(url, f"{message} after {attempt + 1} attempts", reason)
 
     def _stream(self, url: str, response: urllib3.BaseHTTPResponse, limit: int) -> Iterator[bytes]:
         declared = response.headers.get("Content-Length")
         if declared and declared.isdigit() and int(declared) > limit:
-            raise FetchError(url, f"body of {declared} bytes is over the {limit} byte limit", "too_large")
+            raise _error(url, f"body of {declared} bytes is over the {limit} byte limit", "too_large")
         total = 0
+        watch: _Watch | None = getattr(_current, "watch", None)
         try:
             for chunk in response.stream(64 * 1024):
                 total += len(chunk)
+                if watch is not None:
+                    watch.received += len(chunk)
                 if total > limit:
-                    raise FetchError(url, f"body is over the {limit} byte limit", "too_large")
+                    raise _error(url, f"body is over the {limit} byte limit", "too_large")
                 yield chunk
         except (ReadTimeoutError, socket.timeout):
-            raise FetchError(url, "timed out reading the body", "timeout") from None
-        except (ProtocolError, HTTPError) as err:
-            raise FetchError(url, f"connection broke while reading: {type(err).__name__}", "connection_error") from None
+            raise _error(url, "timed out reading the body", "timeout") from None
+        except (ProtocolError, HTTPError, OSError) as err:
+            raise _error(url, f"connection broke while reading: {type(err).__name__}", "connection_error") from None
+        if watch is not None and watch.expired:  # a shut-down socket can also read as a clean end
+            raise _error(url, watch.expired, "timeout")
 
     def _resolve(self, url: str, host: str, port: int) -> str:
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except socket.gaierror as err:
-            raise FetchError(url, f"cannot resolve host {host!r}: {err.strerror}", "dns_error") from None
+            raise _error(url, f"cannot resolve host {host!r}: {err.strerror}", "dns_error") from None
+        except (UnicodeError, ValueError) as err:  # IDNA failures, NUL bytes
+            raise _error(url, f"invalid host name {host!r}: {err}", "bad_url") from None
+        except OSError as err:
+            raise _error(url, f"cannot resolve host {host!r}: {err}", "dns_error") from None
         addresses = [info[4][0] for info in infos]
         if not self.config.allow_private_networks:
             for address in addresses:
                 why = blocked_reason(address)
                 if why and not any(ipaddress.ip_address(address) in net for net in self._allowed):
-                    raise FetchError(
+                    raise _error(
                         url, f"{host} resolves to {why} address {address}; pass --allow-private-networks to allow",
                         "blocked_address",
                     )
@@ -217,8 +383,10 @@ class Fetcher:
                         address, port, maxsize=32, server_hostname=host, assert_hostname=host,
                         cert_reqs="CERT_REQUIRED",
                     )
+                    pool.ConnectionCls = _WatchedHTTPSConnection
                 else:
                     pool = urllib3.HTTPConnectionPool(address, port, maxsize=32)
+                    pool.ConnectionCls = _WatchedHTTPConnection
                 self._pools[key] = pool
             return pool
 

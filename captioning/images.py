@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import threading
 import warnings
+from contextlib import contextmanager, nullcontext
+from typing import ContextManager, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -11,21 +14,20 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from captioning.config import ImageConfig
 from captioning.errors import CaptioningError, ImageError
 from captioning.fetch import Fetcher, is_url
-from captioning.storage import Storage, is_s3, local_path
+from captioning.storage import Storage, is_s3
 
 
-def read_source(source: str, fetcher: Fetcher | None, storage: Storage | None = None) -> bytes:
-    """Bytes of a local file, an s3:// object or an http(s) URL; raises CaptioningError naming the source."""
+def read_source(source: str, fetcher: Fetcher | None, storage: Storage | None = None,
+                max_bytes: int | None = None) -> bytes:
+    """Bytes of a local file, an s3:// object or an http(s) URL; raises CaptioningError naming the source.
+
+    max_bytes caps local and S3 reads (checked from the size before reading); URLs use the fetcher's cap.
+    """
     if is_url(source):
         if fetcher is None:
             raise CaptioningError(source, "URLs need a fetcher (network access was not configured)")
         return fetcher.get(source).data
-    if is_s3(source):
-        return (storage or Storage()).read_bytes(source)
-    try:
-        return local_path(source).read_bytes()
-    except OSError as err:
-        raise CaptioningError(source, f"cannot read file: {err.strerror}", "unreadable") from None
+    return (storage or Storage()).read_bytes(source, max_bytes)
 
 
 def load_image(
@@ -40,39 +42,103 @@ def decode_image(data: bytes, source: str, config: ImageConfig) -> np.ndarray:
     return decode_with_size(data, source, config)[0]
 
 
-def decode_with_size(data: bytes, source: str, config: ImageConfig) -> tuple[np.ndarray, tuple[int, int]]:
+class DecodeBudget:
+    """Bytes of decoded pixels that may be in memory at once across threads; a decode waits for its share.
+
+    Small files can decode to huge images, so the threads of one fetch task share this bound.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.in_use = 0
+        self._free = threading.Condition()
+
+    @contextmanager
+    def reserve(self, cost: int) -> Iterator[None]:
+        """Hold cost bytes while decoding; one decode alone may always run, whatever its cost."""
+        with self._free:
+            self._free.wait_for(lambda: self.in_use == 0 or self.in_use + cost <= self.max_bytes)
+            self.in_use += cost
+        try:
+            yield
+        finally:
+            with self._free:
+                self.in_use -= cost
+                self._free.notify_all()
+
+
+def decode_cost(image: Image.Image) -> int:
+    """Bytes a full decode of image needs: its pixels as Pillow stores them, plus the RGB copy we make."""
+    width, height = image.size
+    if image.mode in ("1", "L", "P"):
+        stored = 1
+    elif image.mode.startswith("I;16"):
+        stored = 2
+    else:
+        stored = 4  # I, F, and every multi-band mode (Pillow keeps RGB as 4 bytes a pixel)
+    return width * height * (stored + (0 if image.mode == "RGB" else 4))
+
+
+def decode_with_size(data: bytes, source: str, config: ImageConfig,
+                     budget: DecodeBudget | None = None) -> tuple[np.ndarray, tuple[int, int]]:
     """Image bytes -> (uint8 array (size, size, 3), (width, height) as stored, before orientation or draft)."""
-    image = open_image(data, source, config, draft=True)
-    rgb = to_rgb(image).resize((config.size, config.size), Image.Resampling.BILINEAR)
-    return np.asarray(rgb, dtype=np.uint8), image.info["stored_size"]
+    with _decode_errors(source):
+        image = _checked(data, source, config, draft=True)
+        with _reserved(budget, decode_cost(image)):
+            image.load()
+            ImageOps.exif_transpose(image, in_place=True)
+            rgb = to_rgb(image).resize((config.size, config.size), Image.Resampling.BILINEAR)
+            return np.asarray(rgb, dtype=np.uint8), image.info["stored_size"]
 
 
 def open_image(data: bytes, source: str, config: ImageConfig, draft: bool = False) -> Image.Image:
-    """Fully decoded, upright Pillow image; the pixel limit is checked from the header first."""
+    """Fully decoded, upright Pillow image; format, pixel and memory limits are checked from the header first."""
+    with _decode_errors(source):
+        image = _checked(data, source, config, draft)
+        image.load()
+        ImageOps.exif_transpose(image, in_place=True)  # in place keeps .format, which callers use
+        return image
+
+
+def _checked(data: bytes, source: str, config: ImageConfig, draft: bool) -> Image.Image:
+    """The image with only its header read, refused if its format, size or decode memory is over the limits."""
+    with warnings.catch_warnings():
+        # Our own pixel limit below replaces Pillow's global one, so its warning is noise.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        # Only the formats the job supports: every other Pillow plugin is attack surface nobody asked for.
+        image = Image.open(io.BytesIO(data), formats=config.formats)
+    width, height = image.size
+    image.info["stored_size"] = (width, height)  # draft mode and EXIF rotation change .size
+    if width * height > config.max_pixels:
+        raise ImageError(source, f"image is {width}x{height}, over the {config.max_pixels} pixel limit", "too_large")
+    if draft and image.format in ("JPEG", "MPO"):
+        # Draft mode lets libjpeg decode at 1/2..1/8 scale: much faster (and smaller) for big photos.
+        image.draft("RGB", (config.size, config.size))
+    cost = decode_cost(image)
+    if cost > config.max_decode_bytes:
+        raise ImageError(source, f"a {width}x{height} {image.mode} image needs {cost >> 20} MiB to decode, over the "
+                         f"{config.max_decode_bytes >> 20} MiB limit", "too_large")
+    return image
+
+
+def _reserved(budget: DecodeBudget | None, cost: int) -> ContextManager[None]:
+    return budget.reserve(cost) if budget is not None else nullcontext()
+
+
+@contextmanager
+def _decode_errors(source: str) -> Iterator[None]:
+    """Pillow's many failure types as one ImageError with a reason code."""
     try:
         with warnings.catch_warnings():
-            # Our own pixel limit below replaces Pillow's global one, so its warning is noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            image.info["stored_size"] = (width, height)  # draft mode and EXIF rotation change .size
-            if width * height > config.max_pixels:
-                raise ImageError(
-                    source, f"image is {width}x{height}, over the {config.max_pixels} pixel limit", "too_large"
-                )
-            if draft and image.format == "JPEG":
-                # Draft mode lets libjpeg decode at 1/2..1/8 scale: much faster for big photos.
-                image.draft("RGB", (config.size, config.size))
-            image.load()
-            ImageOps.exif_transpose(image, in_place=True)  # in place keeps .format, which callers use
-            return image
+            yield
     except ImageError:
         raise
     except Image.DecompressionBombError as err:
         raise ImageError(source, str(err), "too_large") from None
     except UnidentifiedImageError:
-        raise ImageError(source, "not an image (unrecognised format)", "not_an_image") from None
-    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageError(source, "not an image in a supported format", "not_an_image") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
         # Pillow reports truncated or corrupt data as OSError ("image file is truncated", ...).
         raise ImageError(source, f"cannot decode image: {err}", "corrupt_image") from None
 

@@ -7,6 +7,9 @@ import gzip
 import hashlib
 import io
 import json
+import logging
+import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterator
@@ -16,6 +19,8 @@ from captioning.fetch import is_url
 from captioning.storage import Storage, StorageError, is_s3, local_path
 
 FORMATS = ("csv", "tsv", "cc-tsv", "jsonl", "parquet")
+SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -68,13 +73,27 @@ def stable_id(image: str) -> str:
 
 @dataclass(frozen=True)
 class Row:
-    """One manifest row as it stands (no grouping): what bulk jobs emit exactly one output row for."""
+    """One manifest row as it stands (no grouping): what bulk jobs emit exactly one output row for.
+
+    value is the image cell exactly as written; image is where it resolves to (relative paths are
+    relative to the manifest).
+    """
 
     row: int
     id: str
     image: str
     captions: tuple[str, ...]
     error: ManifestError | None = None
+    value: str = ""
+
+
+def resolve_image(value: str, base: str) -> str:
+    """A manifest's image cell as something to read: URLs and s3:// as written, file:// and paths as paths."""
+    if value.startswith("file://"):
+        return str(local_path(value))
+    if SCHEME.match(value) or Path(value).is_absolute():
+        return value
+    return base + value
 
 
 def iter_rows(path: str | Path, spec: ManifestSpec | None = None, storage: Storage | None = None) -> Iterator[Row]:
@@ -90,6 +109,13 @@ def iter_rows(path: str | Path, spec: ManifestSpec | None = None, storage: Stora
     fmt = detect_format(source) if spec.format == "auto" else spec.format
     if fmt not in FORMATS:
         raise ManifestError(source, f"unknown manifest format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if fmt == "tsv" and _looks_like_cc_tsv(local, spec):
+        if spec.format != "auto":
+            raise ManifestError(source, f"has no {spec.image_column!r} column and its first row looks like "
+                                "Conceptual Captions' headerless caption<TAB>url; pass --format cc-tsv")
+        log.warning("%s: no %r column and the first row looks like caption<TAB>url: reading it as "
+                    "Conceptual Captions TSV (--format cc-tsv)", source, spec.image_column)
+        fmt = "cc-tsv"
     if fmt == "cc-tsv":
         spec = ManifestSpec(fmt, image_column="url", caption_column="caption", id_column=spec.id_column)
     # Relative image paths are relative to the manifest, wherever it lives.
@@ -101,11 +127,11 @@ def iter_rows(path: str | Path, spec: ManifestSpec | None = None, storage: Stora
             image, captions, row_id = _parse(row, spec)
         except ValueError as err:
             error = ManifestError(f"{source}:{row_number}", str(err), "bad_row")
-            yield Row(row_number, f"row-{row_number}", "", (), error)
+            value = row.get(spec.image_column) if isinstance(row.get(spec.image_column), str) else ""
+            yield Row(row_number, f"row-{row_number}", "", (), error, value)
             continue
-        if not is_url(image) and not is_s3(image) and not Path(image).is_absolute():
-            image = base + image
-        yield Row(row_number, row_id or stable_id(image), image, captions)
+        resolved = resolve_image(image.strip(), base)
+        yield Row(row_number, row_id or stable_id(resolved), resolved, captions, value=image)
 
 
 def read_manifest(path: str | Path, spec: ManifestSpec | None = None, storage: Storage | None = None) -> Manifest:
@@ -128,6 +154,8 @@ def _parse(row: dict[str, Any], spec: ManifestSpec) -> tuple[str, tuple[str, ...
     image = row.get(spec.image_column)
     if not isinstance(image, str) or not image.strip():
         raise ValueError(f"missing or empty {spec.image_column!r} column (columns: {', '.join(map(str, row))})")
+    if "\x00" in image:
+        raise ValueError(f"{spec.image_column!r} holds a NUL character")
     raw = row.get(spec.caption_column)
     if raw is None:
         captions: tuple[str, ...] = ()
@@ -143,7 +171,17 @@ def _parse(row: dict[str, Any], spec: ManifestSpec) -> tuple[str, tuple[str, ...
         if value is None or str(value).strip() == "":
             raise ValueError(f"missing {spec.id_column!r} column")
         row_id = str(value)
-    return image.strip(), captions, row_id
+    return image, captions, row_id
+
+
+def _looks_like_cc_tsv(path: str, spec: ManifestSpec) -> bool:
+    """A headerless caption<TAB>url file read as a TSV: its "header" is a caption and a URL."""
+    try:
+        with _open_text(path) as handle:
+            first = handle.readline().rstrip("\r\n").split("\t")
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error):
+        return False  # the reader proper reports it
+    return spec.image_column not in first and len(first) == 2 and is_url(first[1].strip())
 
 
 def _open_text(path: str) -> IO[str]:
@@ -179,7 +217,7 @@ def _rows(path: str, fmt: str, source: str) -> Iterator[tuple[int, dict[str, Any
                     yield reader.line_num, row
     except UnicodeDecodeError as err:
         raise ManifestError(source, f"not UTF-8 text ({err.reason} at byte {err.start})") from None
-    except (OSError, EOFError, csv.Error) as err:
+    except (OSError, EOFError, csv.Error, zlib.error) as err:
         raise ManifestError(source, f"cannot read manifest: {err}") from None
 
 
@@ -191,6 +229,9 @@ def _jsonl_rows(handle: IO[str]) -> Iterator[tuple[int, dict[str, Any]]]:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             yield number, {"_error": f"invalid JSON ({err.msg})"}
+            continue
+        except RecursionError:
+            yield number, {"_error": "JSON nested too deeply"}
             continue
         yield number, row if isinstance(row, dict) else {"_error": "row is not a JSON object"}
 

@@ -47,6 +47,70 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
+GRPC_COMPONENTS = ("master", "volume", "filer", "s3", "admin", "worker", "client")
+
+
+def internal_security(folder: Path) -> dict[str, str]:
+    """Settings that close SeaweedFS's internal listeners to anyone but itself, as WEED_* variables.
+
+    Only the S3 port checks credentials. The filer and volume HTTP ports get JWT signing (random keys the
+    process alone knows), and every gRPC port mutual TLS with a certificate made here for this process.
+    """
+    env = {f"WEED_{name}": secrets.token_hex(32) for name in
+           ("JWT_SIGNING_KEY", "JWT_SIGNING_READ_KEY", "JWT_FILER_SIGNING_KEY", "JWT_FILER_SIGNING_READ_KEY")}
+    ca, cert, key = _certificates(folder)
+    env["WEED_GRPC_CA"] = str(ca)
+    for component in GRPC_COMPONENTS:
+        env[f"WEED_GRPC_{component.upper()}_CERT"] = str(cert)
+        env[f"WEED_GRPC_{component.upper()}_KEY"] = str(key)
+    return env
+
+
+def _certificates(folder: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and one certificate it signed (SeaweedFS does not check host names): PEM files, 0600."""
+    import datetime  # noqa: PLC0415
+
+    from cryptography import x509  # noqa: PLC0415
+    from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: PLC0415
+
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def name(text: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
+
+    def build(subject: str, issuer: str, public, signer, ca: bool) -> x509.Certificate:  # noqa: ANN001
+        builder = (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(name(issuer))
+                   .public_key(public).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=30))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            builder = builder.add_extension(x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            builder = builder.add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))]),
+                critical=False)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_cert = build("captioning-seaweedfs-ca", "captioning-seaweedfs-ca", ca_key.public_key(), ca_key, True)
+    leaf = build("captioning-seaweedfs", "captioning-seaweedfs-ca", leaf_key.public_key(), ca_key, False)
+    files = {"ca.pem": ca_cert.public_bytes(serialization.Encoding.PEM),
+             "cert.pem": leaf.public_bytes(serialization.Encoding.PEM),
+             "key.pem": leaf_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption())}
+    for file, data in files.items():
+        path = folder / file
+        handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+        path.chmod(0o600)
+    return folder / "ca.pem", folder / "cert.pem", folder / "key.pem"
+
+
 @dataclass
 class SeaweedServer:
     """`weed mini` on loopback with credentials always set (without them it accepts anyone)."""
@@ -70,14 +134,18 @@ class SeaweedServer:
     def start(self, timeout: float = 60.0) -> "SeaweedServer":
         """Launch, then wait until a real PUT succeeds; raises with the log tail if it does not."""
         self.data_dir = Path(self.data_dir)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.data_dir.chmod(0o700)  # objects are stored here unencrypted
         if not self.ports:
             self.ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS))))
         args = [weed_binary(), "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                "-admin.ui=false", "-webdav=false"] + [f"-{flag}={port}" for flag, port in self.ports.items()]
-        env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
+                "-admin.ui=false", "-webdav=false", f"-filer.localSocket={self.data_dir / 'filer.sock'}",
+                f"-s3.localSocket={self.data_dir / 's3.sock'}"] + [f"-{flag}={port}" for flag, port in self.ports.items()]
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
+               **internal_security(self.data_dir / "tls")}
         log = open(self.data_dir / "weed.log", "ab")  # noqa: SIM115  (owned by the child process)
-        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
+        # cwd: weed reads ./security.toml first; the data folder has none, so only the settings above count.
+        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.data_dir,
                                         start_new_session=True)
         log.close()
         deadline = time.monotonic() + timeout

@@ -2,32 +2,24 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import mimetypes
 import os
 import shutil
-import tempfile
-import uuid
-from dataclasses import dataclass
+import stat
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import urlsplit
 
+from captioning.atomic import TEMP_PREFIX, atomic_path, atomic_write, fsync_folder, temporary_name
+from captioning.config import StorageConfig
 from captioning.errors import CaptioningError
 
 
 class StorageError(CaptioningError):
     """A read or write of a local or object-storage URI failed."""
-
-
-@dataclass(frozen=True)
-class StorageConfig:
-    """Object-storage settings; anything unset comes from the standard AWS environment and config files."""
-
-    s3_endpoint: str | None = None  # e.g. http://127.0.0.1:8333 for SeaweedFS; AWS_ENDPOINT_URL also works
-    region: str | None = None
-    path_style: bool | None = None  # None: path-style addressing when an endpoint is given (most S3 clones)
-    multipart_threshold: int = 64 * 1024 * 1024
-    max_attempts: int = 10
 
 
 def is_s3(uri: str) -> bool:
@@ -45,6 +37,22 @@ def absolute(uri: str) -> str:
     if is_s3(uri) or ("://" in uri and not uri.startswith("file://")):
         return uri
     return str(local_path(uri).resolve())
+
+
+def cache_dir() -> Path:
+    """This user's private cache folder (0700): never a predictable shared path in /tmp."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "captioning"
+    base.mkdir(parents=True, exist_ok=True, mode=0o700)
+    base.chmod(0o700)
+    return base
+
+
+def inside(folder: Path, relative: str, source: str) -> Path:
+    """folder/relative, refused when it would resolve outside folder (../ in a key or a name)."""
+    target = (folder / relative).resolve()
+    if not target.is_relative_to(folder.resolve()):
+        raise StorageError(source, f"{relative!r} would land outside {folder}", "unsafe_path")
+    return target
 
 
 def split_s3(uri: str) -> tuple[str, str]:
@@ -87,38 +95,129 @@ class Storage:
         return TransferConfig(multipart_threshold=self.config.multipart_threshold,
                               multipart_chunksize=max(self.config.multipart_threshold, 5 * 1024 * 1024))
 
-    def read_bytes(self, uri: str) -> bytes:
-        """The whole object or file."""
+    def read_bytes(self, uri: str, max_bytes: int | None = None) -> bytes:
+        """The whole object or file; with max_bytes, the size is checked before anything is read."""
         if not is_s3(uri):
-            try:
-                return local_path(uri).read_bytes()
-            except OSError as err:
-                raise StorageError(uri, f"cannot read: {err.strerror}", "unreadable") from None
+            return _read_local(uri, max_bytes)
         bucket, key = split_s3(uri)
         with self._errors(uri):
-            return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            response = self.client.get_object(Bucket=bucket, Key=key)
+            if max_bytes is not None and response["ContentLength"] > max_bytes:
+                response["Body"].close()
+                raise StorageError(uri, f"object of {response['ContentLength']} bytes is over the {max_bytes} "
+                                   "byte limit", "too_large")
+            return response["Body"].read()
 
     def write_bytes(self, uri: str, data: bytes, content_type: str | None = None) -> None:
-        """Write atomically (local: temp file then rename; S3: a single PUT is atomic)."""
+        """Write atomically (local: synced temp file then rename; S3: a single PUT is atomic)."""
         if not is_s3(uri):
-            path = local_path(uri)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = _temporary(path)
-            tmp.write_bytes(data)
-            tmp.replace(path)
+            atomic_write(local_path(uri), data)
             return
         bucket, key = split_s3(uri)
         with self._errors(uri):
             self.client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type or _content_type(key))
 
+    def read_tagged(self, uri: str) -> tuple[bytes, str] | None:
+        """(content, version tag) of a small object or file, or None if absent: the input of replace_if."""
+        if not is_s3(uri):
+            try:
+                data = local_path(uri).read_bytes()
+            except FileNotFoundError:
+                return None
+            except OSError as err:
+                raise StorageError(uri, f"cannot read: {err.strerror}", "unreadable") from None
+            return data, hashlib.sha256(data).hexdigest()
+        bucket, key = split_s3(uri)
+        from botocore.exceptions import ClientError  # noqa: PLC0415
+
+        with self._errors(uri):
+            try:
+                response = self.client.get_object(Bucket=bucket, Key=key)
+            except ClientError as err:
+                if _client_code(err) == "not_found":
+                    return None
+                raise
+            return response["Body"].read(), response["ETag"]
+
+    def create(self, uri: str, data: bytes) -> str | None:
+        """Write only if nothing is there yet (S3: If-None-Match: *); the new tag, or None if something was."""
+        if not is_s3(uri):
+            path = local_path(uri)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            staged = temporary_name(path)
+            try:
+                with open(staged, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.link(staged, path)  # atomic, complete, and refused if path exists: the local If-None-Match
+                fsync_folder(path.parent)
+                return hashlib.sha256(data).hexdigest()
+            except FileExistsError:
+                return None
+            finally:
+                staged.unlink(missing_ok=True)
+        bucket, key = split_s3(uri)
+        return self._conditional_put(uri, bucket, key, data, IfNoneMatch="*")
+
+    def replace_if(self, uri: str, data: bytes, tag: str) -> str | None:
+        """Overwrite only if the content still has this tag (S3: If-Match); the new tag, or None if it changed."""
+        if not is_s3(uri):
+            path = local_path(uri)
+            with _locked(path):
+                current = self.read_tagged(uri)
+                if current is None or current[1] != tag:
+                    return None
+                atomic_write(path, data)
+                return hashlib.sha256(data).hexdigest()
+        bucket, key = split_s3(uri)
+        return self._conditional_put(uri, bucket, key, data, IfMatch=tag)
+
+    def delete(self, uri: str) -> None:
+        """Remove a file or object; absent is fine."""
+        if not is_s3(uri):
+            local_path(uri).unlink(missing_ok=True)
+            return
+        bucket, key = split_s3(uri)
+        with self._errors(uri):
+            self.client.delete_object(Bucket=bucket, Key=key)
+
+    def _conditional_put(self, uri: str, bucket: str, key: str, data: bytes, **condition: str) -> str | None:
+        from botocore.exceptions import ClientError  # noqa: PLC0415
+
+        with self._errors(uri):
+            try:
+                response = self.client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=_content_type(key),
+                                                  **condition)
+            except ClientError as err:
+                code = err.response.get("Error", {}).get("Code", "")
+                if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+                    return None  # someone else wrote first: the answer, not an error
+                raise
+        return response["ETag"]
+
+    def describe(self, uri: str) -> dict[str, int | str]:
+        """Size and a content fingerprint (local: sha256; S3: the ETag), to tell whether a file changed."""
+        if not is_s3(uri):
+            path = local_path(uri)
+            digest = hashlib.sha256()
+            try:
+                with open(path, "rb") as handle:
+                    while chunk := handle.read(1 << 20):
+                        digest.update(chunk)
+            except OSError as err:
+                raise StorageError(uri, f"cannot read: {err.strerror}", "unreadable") from None
+            return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+        bucket, key = split_s3(uri)
+        with self._errors(uri):
+            head = self.client.head_object(Bucket=bucket, Key=key)
+        return {"bytes": head["ContentLength"], "etag": head["ETag"]}
+
     def upload_file(self, path: str | Path, uri: str, content_type: str | None = None) -> None:
         """Copy a local file to uri; multipart above the configured threshold."""
         if not is_s3(uri):
-            target = local_path(uri)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = _temporary(target)
-            shutil.copyfile(path, tmp)
-            tmp.replace(target)
+            with atomic_path(local_path(uri)) as tmp:
+                shutil.copyfile(path, tmp)
             return
         bucket, key = split_s3(uri)
         with self._errors(uri):
@@ -128,18 +227,16 @@ class Storage:
     def download_file(self, uri: str, path: str | Path) -> Path:
         """Copy uri to a local file (written beside it, then renamed)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _temporary(path)
-        if is_s3(uri):
-            bucket, key = split_s3(uri)
-            with self._errors(uri):
-                self.client.download_file(bucket, key, str(tmp), Config=self._transfer())
-        else:
-            try:
-                shutil.copyfile(local_path(uri), tmp)
-            except OSError as err:
-                raise StorageError(uri, f"cannot read: {err.strerror}", "unreadable") from None
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            if is_s3(uri):
+                bucket, key = split_s3(uri)
+                with self._errors(uri):
+                    self.client.download_file(bucket, key, str(tmp), Config=self._transfer())
+            else:
+                try:
+                    shutil.copyfile(local_path(uri), tmp)
+                except OSError as err:
+                    raise StorageError(uri, f"cannot read: {err.strerror}", "unreadable") from None
         return path
 
     def exists(self, uri: str) -> bool:
@@ -162,7 +259,7 @@ class Storage:
         if not is_s3(prefix):
             root = local_path(prefix)
             # A temp file is a write in flight (or one a killed process left): never part of the listing.
-            return sorted(str(p) for p in root.rglob("*") if p.is_file() and not p.name.startswith(".tmp-")) \
+            return sorted(str(p) for p in root.rglob("*") if p.is_file() and not p.name.startswith(TEMP_PREFIX)) \
                 if root.is_dir() else []
         bucket, key = split_s3(prefix)
         out = []
@@ -182,12 +279,13 @@ class Storage:
         if not is_s3(uri):
             return local_path(uri)
         prefix = uri.rstrip("/") + "/"
-        target = Path(cache or tempfile.gettempdir()) / "captioning-s3" / hashlib.sha1(prefix.encode()).hexdigest()[:16]
-        objects = self.list(prefix)
+        target = Path(cache or cache_dir() / "s3") / hashlib.sha1(prefix.encode()).hexdigest()[:16]
+        # Keys ending in / are folder markers some tools create: nothing to download.
+        objects = [obj for obj in self.list(prefix) if not obj.endswith("/")]
         if not objects:
             raise StorageError(uri, "no objects under this prefix", "not_found")
         for obj in objects:
-            self.download_file(obj, target / obj[len(prefix):])
+            self.download_file(obj, inside(target, obj[len(prefix):], obj))
         return target
 
     def local_file(self, uri: str, cache: str | Path | None = None) -> Path:
@@ -196,7 +294,8 @@ class Storage:
             return local_path(uri)
         digest = hashlib.sha1(uri.encode()).hexdigest()[:16]
         name = uri.rsplit("/", 1)[-1]
-        return self.download_file(uri, Path(cache or tempfile.gettempdir()) / "captioning-s3" / digest / name)
+        folder = Path(cache or cache_dir() / "s3") / digest
+        return self.download_file(uri, inside(folder, name or "object", uri))
 
     def _errors(self, uri: str):  # noqa: ANN202
         return _S3Errors(uri)
@@ -252,6 +351,34 @@ def _content_type(key: str) -> str:
     return guessed or "application/octet-stream"
 
 
-def _temporary(path: Path) -> Path:
-    """A sibling temp name unique to this write: a retried task and its lost original may write at once."""
-    return path.with_name(f".tmp-{uuid.uuid4().hex[:12]}-{path.name}")
+def _read_local(uri: str, max_bytes: int | None) -> bytes:
+    """A regular file's bytes, its size checked first: never a FIFO (hangs) or a device (/dev/zero)."""
+    path = local_path(uri)
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; the type check below then refuses it.
+        handle = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as err:
+        raise StorageError(uri, f"cannot read: {err.strerror}", "unreadable") from None
+    with os.fdopen(handle, "rb") as file:
+        info = os.fstat(file.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise StorageError(uri, "not a regular file", "unreadable")
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise StorageError(uri, f"file of {info.st_size} bytes is over the {max_bytes} byte limit", "too_large")
+        data = file.read() if max_bytes is None else file.read(max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:  # it grew after the check
+        raise StorageError(uri, f"file is over the {max_bytes} byte limit", "too_large")
+    return data
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock beside path for read-compare-write sequences on local files."""
+    guard = path.with_name(f".{path.name}.guard")
+    guard.parent.mkdir(parents=True, exist_ok=True)
+    with open(guard, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -11,6 +11,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_text as tf_text
 
+from captioning.atomic import atomic_write
+
 PAD, UNK, START, END = "", "[UNK]", "[START]", "[END]"
 RESERVED = (PAD, UNK, START, END)
 
@@ -118,7 +120,7 @@ class Tokenizer:
 
     def save(self, path: str | Path) -> None:
         """Write the vocabulary and max_length as JSON."""
-        Path(path).write_text(json.dumps({"max_length": self.max_length, "vocabulary": self.vocabulary}))
+        atomic_write(path, json.dumps({"max_length": self.max_length, "vocabulary": self.vocabulary}).encode())
 
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":

@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
+from captioning.atomic import atomic_path, atomic_write
 from captioning.bundle import save_bundle
 from captioning.config import TrainConfig
 from captioning.errors import CaptioningError
@@ -28,6 +29,7 @@ from captioning.images import load_image
 from captioning.manifest import Example, Manifest
 from captioning.model import BANNED, Captioner, output_bias
 from captioning.plots import plot_history
+from captioning.storage import Storage
 from captioning.text import Tokenizer
 
 CHECKPOINT = "checkpoint"
@@ -62,9 +64,9 @@ def cache_features(
     manifest: Manifest, cache: FeatureCache, config: TrainConfig, log: Callable[[str], None]
 ) -> CaptionPairs:
     """Compute missing features; every image that fails is reported by name and left out of the pairs."""
-    fetcher = Fetcher(config.fetch)
+    fetcher, storage = Fetcher(config.fetch), Storage(config.storage)
     items = [(feature_key(ex.image), ex.image) for ex in manifest.examples]
-    errors = cache.fill(items, lambda src: load_image(src, config.image, fetcher))
+    errors = cache.fill(items, lambda src: load_image(src, config.image, fetcher, storage))
     for key, err in errors.items():
         log(f"skipped image {err}")
     for err in manifest.errors:
@@ -174,11 +176,11 @@ class Trainer:
 
     def save_checkpoint(self, folder: Path, state: dict[str, Any]) -> None:
         """Last weights, optimizer slots (npz, no pickle) and loop state; state.json is written last."""
-        folder.mkdir(parents=True, exist_ok=True)
-        self.model.save_weights(str(folder / "last.weights.h5"))
-        np.savez(folder / "optimizer.npz", *[v.numpy() for v in self.optimizer.variables])
-        (folder / "state.tmp").write_text(json.dumps(state))
-        (folder / "state.tmp").replace(folder / "state.json")
+        with atomic_path(folder / "last.weights.h5") as tmp:
+            self.model.save_weights(str(tmp))
+        with atomic_path(folder / "optimizer.npz") as tmp, open(tmp, "wb") as handle:
+            np.savez(handle, *[v.numpy() for v in self.optimizer.variables])
+        atomic_write(folder / "state.json", json.dumps(state).encode())
 
     def load_checkpoint(self, folder: Path) -> dict[str, Any]:
         """Inverse of save_checkpoint."""
@@ -274,7 +276,8 @@ def train(
             log(f"  sample for {Path(val_pairs.first_key[sample_key].image).name}: {sample}")
         if row["val_loss"] < state["best_loss"]:
             state.update(best_loss=row["val_loss"], best_epoch=epoch + 1, wait=0)
-            model.save_weights(str(checkpoint / "best.weights.h5"))
+            with atomic_path(checkpoint / "best.weights.h5") as tmp:
+                model.save_weights(str(tmp))
         else:
             state["wait"] += 1
         state["epoch"] = epoch + 1
@@ -301,9 +304,9 @@ def write_history(out: Path, history: Sequence[dict[str, float]]) -> None:
     """history.csv, history.json and training_curves.png in the model directory."""
     if not history:
         return
-    with open(out / "history.csv", "w", newline="") as handle:
+    with atomic_path(out / "history.csv") as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(history[0]))
         writer.writeheader()
         writer.writerows(history)
-    (out / "history.json").write_text(json.dumps(list(history), indent=2))
+    atomic_write(out / "history.json", json.dumps(list(history), indent=2).encode())
     plot_history(history, out / "training_curves.png")

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from captioning.bulk import BulkConfig, CaptionShard, fetch_shard, plan_shards, uri, write_shard
 from captioning.errors import CaptioningError
+from captioning.lease import Lease
 from captioning.stage_timings import stage_report
 from captioning.storage import Storage
 
@@ -21,11 +22,19 @@ TASK_CPUS = 0.25  # fetch and write tasks mostly wait on the network and storage
 def run(config: BulkConfig, address: str | None = None, log: Callable[[str], None] = print,
         progress: bool = True) -> dict:
     """Caption every manifest row into config.output exactly once; returns the _SUCCESS summary."""
+    config = config.with_absolute_paths()
+    storage = Storage(config.storage)
+    # One run per output at a time: a second one refuses at once, naming the first.
+    with Lease(storage, uri(config.output, "_lease.json"), stale_after=config.lease_stale_after, log=log,
+               what="captioning batch run"):
+        return _run(config, storage, address, log, progress)
+
+
+def _run(config: BulkConfig, storage: Storage, address: str | None, log: Callable[[str], None],
+         progress: bool) -> dict:
     import ray  # noqa: PLC0415
 
     started = time.time()
-    config = config.with_absolute_paths()
-    storage = Storage(config.storage)
     todo, total_rows = plan_shards(config, storage)
     shards_total = -(-total_rows // config.shard_size)
     log(f"{total_rows} rows in {shards_total} shards; {len(todo)} to process"
@@ -34,7 +43,8 @@ def run(config: BulkConfig, address: str | None = None, log: Callable[[str], Non
     if todo:
         if not ray.is_initialized():
             # Local Ray in-process by default; workers inherit this environment (AWS settings included).
-            ray.init(address=address, include_dashboard=bool(address), logging_level="ERROR",
+            # No address: a fresh local instance, never whatever cluster this machine last started.
+            ray.init(address=address or "local", include_dashboard=bool(address), logging_level="ERROR",
                      log_to_driver=False, configure_logging=False)
         check_cpus(config, ray.cluster_resources().get("CPU", 0.0), fixed=address is None, log=log)
         context = ray.data.DataContext.get_current()
@@ -83,14 +93,33 @@ def check_cpus(config: BulkConfig, cpus: float, fixed: bool, log: Callable[[str]
     log(f"warning: {message} (unless the cluster scales up)")
 
 
+def check_ranges(config: BulkConfig, markers: list[dict], total_rows: int, shards_total: int) -> None:
+    """Every shard committed once, holding exactly its manifest rows: ranges, not only counts."""
+    by_shard = {m["shard"]: m for m in markers}
+    missing, wrong = [], []
+    for shard in range(shards_total):
+        first = shard * config.shard_size
+        last = min(first + config.shard_size, total_rows) - 1
+        marker = by_shard.get(shard)
+        if marker is None:
+            missing.append(shard)
+        elif (marker.get("first_row"), marker.get("last_row"), marker["rows"]) != (first, last, last - first + 1):
+            wrong.append(shard)
+    wrong += sorted(shard for shard in by_shard if shard >= shards_total)
+    if wrong:
+        raise CaptioningError(config.output, f"shard(s) {', '.join(map(str, wrong[:5]))} hold other rows than the "
+                              "manifest now gives them; pass a new --output to start over")
+    if missing:
+        raise CaptioningError(config.output, f"{shards_total - len(missing)}/{shards_total} shards committed; rerun "
+                              "the same command to finish")
+
+
 def summarise(config: BulkConfig, storage: Storage, total_rows: int, shards_total: int, processed: int,
               started_at: float) -> dict:
-    """Check every shard is committed with every row, then write _SUCCESS.json with this run's stage timings."""
+    """Check every shard is committed with exactly its rows, then write _SUCCESS.json with this run's timings."""
     markers = [json.loads(storage.read_bytes(m)) for m in storage.list(uri(config.output, "_committed"))]
+    check_ranges(config, markers, total_rows, shards_total)
     rows = sum(m["rows"] for m in markers)
-    if len(markers) != shards_total or rows != total_rows:
-        raise CaptioningError(config.output, f"{len(markers)}/{shards_total} shards and {rows}/{total_rows} rows "
-                              "committed; rerun the same command to finish")
     statuses = Counter(status for m in markers for status in m["statuses"])
     seconds = time.time() - started_at
     this_run = [m for m in markers if m["committed"] >= started_at and "timing" in m]

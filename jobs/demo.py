@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -72,6 +73,8 @@ def bulk_captions(out: Path, test_manifest: Path, log: Callable[[str], None]) ->
         rows = [json.loads(line) for line in test_manifest.read_text().splitlines()]
         base = f"http://127.0.0.1:{server.server_address[1]}"
         manifest = out / "bulk-manifest.csv"
+        # The server's port differs per run, so each demo run is a new plan: start its output afresh.
+        shutil.rmtree(out / "bulk", ignore_errors=True)
         manifest.write_text("url,caption\n" + "".join(f"{base}/{r['image']},{r['caption'][0]}\n" for r in rows))
         config = BulkConfig(str(manifest), str(out / "model"), str(out / "bulk"), ManifestSpec(image_column="url"),
                             shard_size=64, attention_png=4,

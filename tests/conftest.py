@@ -26,6 +26,7 @@ class Reply:
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
+    drip: float = 0.0  # seconds between single bytes of the whole response (headers too): a slow-drip server
 
 
 class LoopbackServer:
@@ -44,6 +45,9 @@ class LoopbackServer:
                 reply = route(server.hits[path]) if callable(route) else route
                 if reply is None:
                     reply = Reply(404, b"not found")
+                if reply.drip:
+                    self._drip(reply)
+                    return
                 try:
                     self.send_response(reply.status)
                     for key, value in reply.headers.items():
@@ -56,6 +60,16 @@ class LoopbackServer:
                         time.sleep(reply.delay)
                     self.wfile.write(reply.body)
                 except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def _drip(self, reply: Reply) -> None:
+                head = f"HTTP/1.1 {reply.status} OK\r\nContent-Length: {len(reply.body)}\r\n\r\n".encode()
+                try:
+                    for byte in head + reply.body:  # finite: the server stops by itself
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        time.sleep(reply.drip)
+                except OSError:  # the client gave up: what the test wants
                     pass
 
             def log_message(self, *args) -> None:  # keep pytest output clean
@@ -86,6 +100,34 @@ def http_server():
 
 
 @pytest.fixture(scope="session")
+def seaweed(tmp_path_factory):
+    """One SeaweedFS server for the whole session (buckets captions and outputs), stopped at the end."""
+    from captioning.seaweed import SeaweedServer
+
+    with SeaweedServer(tmp_path_factory.mktemp("seaweed")) as server:
+        for bucket in ("captions", "outputs"):
+            server.create_bucket(bucket)
+        yield server
+
+
+@pytest.fixture(scope="session")
+def ray_session(seaweed):
+    """One local Ray for the session; its workers inherit the SeaweedFS credentials from this environment."""
+    import ray
+
+    saved = {k: os.environ.get(k) for k in seaweed.env()}
+    os.environ.update(seaweed.env())
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield seaweed
+    ray.shutdown()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory) -> dict[str, Path]:
     """A small deterministic synthetic dataset shared by the session."""
     from captioning.datasets import synthetic
@@ -105,12 +147,18 @@ def tiny_config(**overrides) -> TrainConfig:
 
 
 @pytest.fixture(scope="session")
-def trained_bundle(synthetic_data, tmp_path_factory) -> Path:
+def feature_cache(tmp_path_factory) -> str:
+    """One backbone feature cache for every test that trains on the synthetic data: features once a session."""
+    return str(tmp_path_factory.mktemp("feature-cache"))
+
+
+@pytest.fixture(scope="session")
+def trained_bundle(synthetic_data, feature_cache, tmp_path_factory) -> Path:
     """A tiny model trained for two epochs on the synthetic data."""
     from captioning.manifest import read_manifest
     from captioning.train import train
 
     out = tmp_path_factory.mktemp("model")
-    train(read_manifest(synthetic_data["train"]), read_manifest(synthetic_data["val"]), out, tiny_config(),
-          progress=False, log=lambda _: None)
+    train(read_manifest(synthetic_data["train"]), read_manifest(synthetic_data["val"]), out,
+          tiny_config(cache_dir=feature_cache), progress=False, log=lambda _: None)
     return out

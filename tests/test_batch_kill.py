@@ -13,6 +13,8 @@ import pytest
 from captioning.bulk import read_output
 from tests.conftest import LoopbackServer, Reply
 
+pytestmark = pytest.mark.ray
+
 ROWS, SHARD = 60, 4
 SHARDS = ROWS // SHARD
 

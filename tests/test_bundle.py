@@ -61,3 +61,21 @@ def test_damaged_bundle_names_the_file(trained_bundle, tmp_path, damage, file, m
 def test_not_a_directory(tmp_path):
     with pytest.raises(BundleError, match="model directory not found"):
         load_bundle(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: [], "top level: [] is not of type 'object'"),
+    (lambda m: {**m, "backbone": {}}, "backbone: 'name' is a required property"),
+    (lambda m: {**m, "model": {**m["model"], "num_layers": "2"}}, "model.num_layers: '2' is not of type 'integer'"),
+    (lambda m: {k: v for k, v in m.items() if k != "version"}, "'version' is a required property"),
+    (lambda m: {**m, "model": {**m["model"], "d_model": 33}}, "not divisible"),
+    (lambda m: {**m, "model": {**m["model"], "extra": 1}}, "Additional properties"),
+    (lambda m: {**m, "format_version": 2}, "format_version"),
+])
+def test_bundle_json_is_checked_against_its_schema(trained_bundle, tmp_path, edit, message):
+    bundle = copy(trained_bundle, tmp_path)
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    (bundle / "bundle.json").write_text(json.dumps(edit(manifest)))
+    with pytest.raises(BundleError) as err:
+        load_bundle(bundle)
+    assert "bundle.json: corrupt bundle manifest" in str(err.value) and message in str(err.value)

@@ -39,7 +39,7 @@ def test_caption_bad_inputs_one_line_each_and_the_rest_go_on(trained_bundle, syn
     lines = err.strip().splitlines()
     assert len(lines) == 4 and all(line.startswith("error: ") for line in lines)
     assert "notes.txt: not an image" in lines[0] and "cut.jpg: cannot decode" in lines[1]
-    assert "absent.png: cannot read file" in lines[2] and "blocked_address" not in lines[3]
+    assert "absent.png: cannot read: No such file" in lines[2] and "blocked_address" not in lines[3]
     assert "http://127.0.0.1:9/x.jpg" in lines[3] and "--allow-private-networks" in lines[3]
 
 
@@ -78,3 +78,66 @@ def test_caption_with_reduced_precision(trained_bundle, synthetic_data, capsys):
     image = sorted((synthetic_data["test"].parent / "images" / "test").glob("*.jpg"))[0]
     code, out, _ = run(capsys, "caption", str(trained_bundle), str(image), "--precision", "mixed_bfloat16")
     assert code == 0 and out.split("\t")[1].strip()
+
+
+@pytest.mark.parametrize("option,value", [("--timeout", "-1"), ("--timeout", "0"), ("--timeout", "nan"),
+                                          ("--deadline", "inf"), ("--actor-cpus", "-3"), ("--num-gpus", "-1"),
+                                          ("--max-pixels", "0")])
+def test_batch_refuses_bad_numbers_before_any_work(capsys, option, value):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["batch", "--manifest", "m.csv", "--model", "m", "--output", "o", option, value])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"argument {option}" in err and "Traceback" not in err
+
+
+def test_data_commands_have_no_s3_endpoint_they_would_ignore(capsys):
+    with pytest.raises(SystemExit):
+        main(["data", "flickr8k", "--out", "x", "--s3-endpoint", "http://127.0.0.1:1"])
+    assert "unrecognized arguments: --s3-endpoint" in capsys.readouterr().err
+
+
+def test_train_honours_s3_endpoint(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_read(path, spec, storage=None):
+        seen.setdefault("storages", []).append(storage.config.s3_endpoint)
+        from captioning.manifest import Manifest
+
+        return Manifest(str(path))
+
+    def fake_train(train, val, out, config, **kwargs):
+        seen["config"] = config
+        raise SystemExit(0)
+
+    monkeypatch.setattr("captioning.manifest.read_manifest", fake_read)
+    monkeypatch.setattr("captioning.train.train", fake_train)
+    with pytest.raises(SystemExit):
+        main(["train", "--train", "s3://b/t.csv", "--val", "s3://b/v.csv", "--out", str(tmp_path), "--weights", "none",
+              "--s3-endpoint", "http://127.0.0.1:9"])
+    assert seen["storages"] == ["http://127.0.0.1:9"] * 2
+    assert seen["config"].storage.s3_endpoint == "http://127.0.0.1:9"  # images are read with it too
+
+
+def test_offline_imagenet_weights_are_one_line_with_the_way_out(synthetic_data, tmp_path, capsys, monkeypatch):
+    from captioning import features
+
+    def offline(**kwargs):
+        raise Exception("URL fetch failure on https://storage.googleapis.com/x.h5: None -- [Errno -2] "
+                        "Name or service not known")
+
+    monkeypatch.setitem(features.BACKBONES, "mobilenet_v3_small",
+                        features.BackboneSpec(offline, features.BACKBONES["mobilenet_v3_small"].channels))
+    code, _, err = run(capsys, "train", "--train", str(synthetic_data["train"]), "--val", str(synthetic_data["val"]),
+                       "--out", str(tmp_path / "m"))  # the default --weights imagenet, as a new user runs it
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: --weights imagenet: cannot download")
+    assert "--weights none" in lines[0] and ".weights.h5" in lines[0]
+
+
+@pytest.mark.ray
+def test_a_job_where_every_row_is_malformed_fails(ray_session, trained_bundle, tmp_path, capsys):
+    (tmp_path / "m.csv").write_text("link,caption\nhttp://h/1.jpg,a\nhttp://h/2.jpg,b\n")  # no "url" column
+    code, _, err = run(capsys, "batch", "--manifest", str(tmp_path / "m.csv"), "--model", str(trained_bundle),
+                       "--output", str(tmp_path / "out"), "--no-progress")
+    assert code == 1 and err.strip().splitlines()[-1].startswith("error: ")
+    assert "every one of its 2 rows is malformed" in err and "--url-column" in err

@@ -6,14 +6,28 @@ import sys
 
 import pytest
 
-from captioning.devices import CPU_BATCH_SIZE, resolve_batch_size
+from captioning import devices
+from captioning.devices import CPU_BATCH_SIZE, GPU_BATCH_SIZE, resolve_batch_size, resolve_precision
 
 
-def test_batch_size_defaults_to_the_cpu_size_here_and_respects_a_choice():
-    assert resolve_batch_size(None) == CPU_BATCH_SIZE  # no GPU on this machine
+@pytest.mark.parametrize("capability,batch,precision", [
+    (None, CPU_BATCH_SIZE, "float32"), ((7, 5), GPU_BATCH_SIZE, "mixed_float16"),
+    ((8, 0), GPU_BATCH_SIZE, "mixed_bfloat16"), ((9, 0), GPU_BATCH_SIZE, "mixed_bfloat16"),
+])
+def test_defaults_follow_the_device(monkeypatch, capability, batch, precision):
+    # The device is injected, so this holds on a CPU machine and on a GPU runner alike.
+    monkeypatch.setattr(devices, "gpu_capability", lambda: capability)
+    assert resolve_batch_size(None) == batch
+    assert resolve_precision("auto") == precision
+    assert resolve_precision("float32") == "float32"  # an explicit choice always wins
     assert resolve_batch_size(7) == 7
+
+
+def test_bad_choices_are_refused():
     with pytest.raises(ValueError, match="batch size"):
         resolve_batch_size(0)
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("float8")
 
 
 def test_cpu_threads_are_set_for_tensorflow_even_under_rays_one_thread_setting():

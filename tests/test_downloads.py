@@ -115,3 +115,31 @@ def test_private_image_urls_are_refused_by_default(http_server, tmp_path):
                                                FetchConfig(retries=0), workers=1, log=lambda _: None)
     assert json.loads(failures.read_text())["status"] == "blocked_address"
     assert http_server.hits["/a.jpg"] == 0
+
+
+def test_conceptual_captions_survives_malformed_urls_and_surprises(http_server, tmp_path, monkeypatch):
+    from captioning import errors
+    from captioning.datasets import conceptual_captions as cc
+
+    http_server.routes["/ok.jpg"] = Reply(200, jpeg((0, 0, 200)))
+    http_server.routes["/boom.jpg"] = Reply(200, jpeg((200, 0, 0)))
+    http_server.routes["/hop.jpg"] = Reply(302, headers={"Location": "http://[::1/x"})
+    rows = ["fine\t" + http_server.url("/ok.jpg"), "bad ipv6\thttp://[::1/x", "empty label\thttp://a..example/x.jpg",
+            "long label\thttp://" + "a" * 64 + ".example/x.jpg", "bad hop\t" + http_server.url("/hop.jpg"),
+            "surprise\t" + http_server.url("/boom.jpg")]
+    (tmp_path / "validation.tsv").write_text("\n".join(rows) + "\n")
+    real = cc.open_image
+
+    def open_image(data, source, *args, **kwargs):
+        if source.endswith("/boom.jpg"):
+            raise KeyError("a bug nobody planned for")
+        return real(data, source, *args, **kwargs)
+
+    monkeypatch.setattr(cc, "open_image", open_image)
+    monkeypatch.setattr(errors, "_logged_internal", set())
+    manifest, failures = cc.download(tmp_path, "validation", None, "http://unused.invalid", LOCAL, workers=3,
+                                     log=lambda _: None)
+    assert [json.loads(l)["caption"] for l in manifest.read_text().splitlines()] == ["fine"]
+    statuses = {json.loads(l)["caption"]: json.loads(l)["status"] for l in failures.read_text().splitlines()}
+    assert statuses == {"bad ipv6": "bad_url", "empty label": "bad_url", "long label": "bad_url",
+                        "bad hop": "bad_url", "surprise": "internal_error"}

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from captioning.cli import main
 
 
@@ -26,6 +28,7 @@ def test_end_to_end(tmp_path, capsys):
     assert "BLEU4" in capsys.readouterr().out
 
 
+@pytest.mark.ray
 def test_main_job_demo_runs_every_stage(tmp_path):
     """The README's main command at small sizes: synthetic data, training, captions, evaluation, bulk job."""
     import subprocess

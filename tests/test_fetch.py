@@ -1,8 +1,10 @@
+import time
+
 import pytest
 
 from captioning.config import FetchConfig
 from captioning.errors import FetchError
-from captioning.fetch import Fetcher, blocked_reason
+from captioning.fetch import Fetcher, blocked_reason, redact
 from tests.conftest import Reply
 
 LOCAL = FetchConfig(allow_private_networks=True, retries=2, backoff=0.01, read_timeout=0.5, max_bytes=1000)
@@ -95,14 +97,98 @@ def test_every_redirect_hop_is_checked(http_server, monkeypatch):
     ("::ffff:127.0.0.1", "loopback"), ("fe80::1", "link-local"), ("8.8.8.8", None), ("2606:4700::1111", None),
 ])
 def test_blocked_reason(address, expected):
-    assert blocked_reason(address) == expected
+    why = blocked_reason(address)
+    assert (why.split(" ")[0] if why else None) == expected
 
 
-def test_schemes_and_bad_urls():
+# Decision-function checks only: nothing ever connects to these addresses.
+@pytest.mark.parametrize("address", [
+    "100.64.0.1", "100.100.100.200",  # shared address space, one cloud's metadata service
+    "192.0.0.192", "192.0.0.8", "192.0.0.170",  # IETF protocol assignments, another cloud's metadata service
+    "198.18.0.1", "240.0.0.1", "255.255.255.255", "192.0.2.1", "203.0.113.9",
+    "2002:a9fe:a9fe::1", "2002:0a00:0001::1", "2002:7f00:0001::1",  # 6to4 around link-local, private, loopback
+    "2001:0:4136:e378:8000:63bf:3fff:fdd2",  # Teredo (its embedded client is 192.0.2.45)
+    "64:ff9b::a9fe:a9fe", "64:ff9b::7f00:1",  # NAT64 around metadata and loopback
+    "::ffff:169.254.169.254", "::ffff:10.0.0.1", "fc00::1", "fd12:3456::1", "2001:db8::1", "::", "ff02::1",
+])
+def test_every_non_global_address_is_blocked(address):
+    assert blocked_reason(address) is not None
+
+
+@pytest.mark.parametrize("address", ["8.8.8.8", "1.1.1.1", "2606:4700::1111", "2002:0808:0808::1",
+                                     "64:ff9b::808:808"])
+def test_global_addresses_pass(address):
+    assert blocked_reason(address) is None
+
+
+def test_schemes_and_bad_urls(monkeypatch):
+    def no_lookups(*args, **kwargs):
+        raise AssertionError(f"a malformed URL reached DNS: {args}")
+
+    monkeypatch.setattr("socket.getaddrinfo", no_lookups)
     fetcher = Fetcher(FetchConfig(retries=0))
     assert reason(fetcher, "file:///etc/passwd") == "bad_scheme"
     assert reason(fetcher, "ftp://example.com/x.jpg") == "bad_scheme"
     assert reason(fetcher, "http:///nohost") == "bad_url"
+    for url in ("http://[::1/x", "http://a..example/x.jpg", f"http://{'a' * 64}.example/x.jpg",
+                "http://example.com:99999/x", "http://example.com:port/x", f"http://{'a.' * 140}com/"):
+        with pytest.raises(FetchError) as err:
+            fetcher.get(url)
+        assert err.value.reason == "bad_url", (url, err.value)
+
+
+def test_lookup_failures_of_any_kind_are_row_errors(monkeypatch):
+    def broken(host, *args, **kwargs):
+        raise {"nul": ValueError("embedded null byte"), "idna": UnicodeError("label too long"),
+               "os": OSError(97, "Address family not supported")}[host]
+
+    monkeypatch.setattr("socket.getaddrinfo", broken)
+    fetcher = Fetcher(FetchConfig(retries=0))
+    assert reason(fetcher, "http://nul/x") == "bad_url"
+    assert reason(fetcher, "http://idna/x") == "bad_url"
+    assert reason(fetcher, "http://os/x") == "dns_error"
+
+
+def test_malformed_redirect_target_is_bad_url(http_server):
+    http_server.routes["/r"] = Reply(302, headers={"Location": "http://[::1/x"})
+    assert reason(Fetcher(LOCAL), http_server.url("/r")) == "bad_url"
+
+
+def test_credentials_and_queries_never_reach_error_messages(http_server):
+    http_server.routes["/r"] = Reply(302, headers={"Location": "/missing?token=hunter2"})
+    url = f"http://user:s3cret@127.0.0.1:{http_server.port}/r?sig=abcdef"
+    with pytest.raises(FetchError) as err:
+        Fetcher(LOCAL).get(url)
+    text = str(err.value)
+    assert err.value.reason == "http_404" and "/missing" in text
+    for secret in ("s3cret", "user:", "abcdef", "hunter2", "sig=", "token="):
+        assert secret not in text, text
+    assert redact("https://a:b@h.example/p?q=1#f") == "https://***@h.example/p?..."
+
+
+def test_slow_drip_is_cut_at_the_total_deadline(http_server):
+    # One byte every 0.1 s never trips the 1 s read timeout; only the total deadline stops it.
+    http_server.routes["/drip-head"] = Reply(200, b"x" * 20, drip=0.1)  # ~45 bytes of headers first
+    http_server.routes["/drip-body"] = lambda hit: Reply(200, b"y" * 100, drip=0.1)
+    config = FetchConfig(**{**LOCAL.__dict__, "read_timeout": 1.0, "deadline": 1.5, "min_rate": 0.0})
+    for route in ("/drip-head", "/drip-body"):
+        start = time.monotonic()
+        with pytest.raises(FetchError) as err:
+            Fetcher(config).get(http_server.url(route))
+        assert err.value.reason == "timeout" and "deadline" in err.value.message
+        assert time.monotonic() - start < 3.0
+
+
+def test_minimum_transfer_rate(http_server):
+    http_server.routes["/trickle"] = Reply(200, b"z" * 200, drip=0.05)  # 20 bytes/s
+    config = FetchConfig(**{**LOCAL.__dict__, "deadline": 30.0, "min_rate": 100.0, "min_rate_after": 1.0})
+    start = time.monotonic()
+    with pytest.raises(FetchError) as err:
+        Fetcher(config).get(http_server.url("/trickle"))
+    assert err.value.reason == "timeout" and "bytes/s" in err.value.message
+    assert time.monotonic() - start < 4.0
+    http_server.routes["/fine"] = Reply(200, b"ok" * 100)
+    assert Fetcher(config).get(http_server.url("/fine")).data == b"ok" * 100  # a fast reply is untouched
 
 
 def test_download_streams_to_file_and_can_stop_after_lines(http_server, tmp_path):

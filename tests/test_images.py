@@ -72,5 +72,5 @@ def test_decompression_bomb_is_refused_from_the_header(tmp_path):
 
 
 def test_load_image_reports_missing_file(tmp_path):
-    with pytest.raises(CaptioningError, match="missing.jpg: cannot read file"):
+    with pytest.raises(CaptioningError, match="missing.jpg: cannot read: No such file"):
         load_image(str(tmp_path / "missing.jpg"), CONFIG)

@@ -69,3 +69,42 @@ def test_missing_and_unknown_files_name_the_input(tmp_path):
     (tmp_path / "latin.csv").write_bytes("image,caption\na.jpg,caf\xe9\n".encode("latin-1"))
     with pytest.raises(ManifestError, match="latin.csv: not UTF-8"):
         read_manifest(tmp_path / "latin.csv")
+
+
+def test_corrupt_gzip_and_deep_json_are_clear_errors(tmp_path):
+    import zlib
+
+    raw = bytearray(gzip.compress(b"image,caption\n" + b"a.jpg,x\n" * 2000))
+    raw[10] = 0xFF  # the first deflate block header: "invalid block type", raised as zlib.error, not OSError
+    (tmp_path / "m.csv.gz").write_bytes(bytes(raw))
+    with pytest.raises(zlib.error):
+        gzip.decompress(bytes(raw))
+    with pytest.raises(ManifestError, match="m.csv.gz: cannot read manifest"):
+        read_manifest(tmp_path / "m.csv.gz")
+    (tmp_path / "deep.jsonl").write_text("[" * 100_000 + "\n" + json.dumps({"image": "a.jpg", "caption": "x"}) + "\n")
+    manifest = read_manifest(tmp_path / "deep.jsonl")
+    assert len(manifest.examples) == 1 and "nested too deeply" in str(manifest.errors[0])
+
+
+def test_headerless_conceptual_captions_tsv_is_recognised(tmp_path, caplog):
+    (tmp_path / "cc.tsv").write_text("a dog on grass\thttp://h/1.jpg\na red car\thttp://h/2.jpg\n")
+    manifest = read_manifest(tmp_path / "cc.tsv", ManifestSpec(image_column="url"))
+    # Read as cc-tsv with a notice: the first row is a row, not a header, and nothing is a bad row.
+    assert [ex.image for ex in manifest.examples] == ["http://h/1.jpg", "http://h/2.jpg"] and not manifest.errors
+    assert any("--format cc-tsv" in r.message for r in caplog.records)
+    with pytest.raises(ManifestError, match="pass --format cc-tsv"):
+        read_manifest(tmp_path / "cc.tsv", ManifestSpec(format="tsv", image_column="url"))
+    (tmp_path / "ok.tsv").write_text("url\tcaption\nhttp://h/1.jpg\ta dog\n")  # a real header stays a TSV
+    assert [ex.captions for ex in read_manifest(tmp_path / "ok.tsv", ManifestSpec(image_column="url")).examples] \
+        == [("a dog",)]
+
+
+def test_rows_keep_the_cell_as_written_beside_its_resolved_path(tmp_path):
+    from captioning.manifest import iter_rows
+
+    (tmp_path / "m.csv").write_text("image,caption\nsub/a.jpg,x\nfile:///data/b.jpg,y\nhttp://h/c.jpg?x=1,z\n"
+                                    "ftp://h/d.jpg,w\n")
+    rows = list(iter_rows(tmp_path / "m.csv"))
+    assert [r.value for r in rows] == ["sub/a.jpg", "file:///data/b.jpg", "http://h/c.jpg?x=1", "ftp://h/d.jpg"]
+    assert [r.image for r in rows] == [str(tmp_path / "sub/a.jpg"), "/data/b.jpg", "http://h/c.jpg?x=1",
+                                       "ftp://h/d.jpg"]

@@ -1,6 +1,7 @@
 """The storage layer against a real S3-compatible server (SeaweedFS) started by the tests, and locally."""
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -8,15 +9,6 @@ from captioning.bundle import load_bundle
 from captioning.manifest import read_manifest
 from captioning.seaweed import PORT_FLAGS, RAY_WORKER_PORTS, SeaweedServer
 from captioning.storage import Storage, StorageError
-
-
-@pytest.fixture(scope="module")
-def seaweed(tmp_path_factory):
-    server = SeaweedServer(tmp_path_factory.mktemp("seaweed"))
-    with server:
-        server.create_bucket("captions")
-        yield server
-    assert server.process.poll() is not None  # stopped
 
 
 @pytest.fixture
@@ -128,6 +120,8 @@ def test_storage_serve_command_runs_until_sigterm(tmp_path):
     import sys
     import time
 
+    (tmp_path / "credentials.env").write_text("export OLD=1\n")
+    (tmp_path / "credentials.env").chmod(0o644)  # left readable by an older version: must not stay so
     proc = subprocess.Popen([sys.executable, "-m", "captioning.cli", "storage", "serve", "--dir", str(tmp_path),
                              "--bucket", "outputs"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -153,3 +147,101 @@ def test_storage_serve_command_runs_until_sigterm(tmp_path):
         assert proc.wait(30) == 0
     assert "weed" not in subprocess.run(["pgrep", "-af", f"weed mini -dir={tmp_path}"], capture_output=True,
                                         text=True).stdout
+
+
+def test_conditional_create_and_replace_on_the_real_server(s3):
+    where = "s3://captions/cond/lease.json"
+    tag = s3.create(where, b"first")
+    assert tag and s3.create(where, b"second") is None  # If-None-Match: * is enforced
+    assert s3.read_tagged(where) == (b"first", tag)
+    newer = s3.replace_if(where, b"third", tag)
+    assert newer and newer != tag
+    assert s3.replace_if(where, b"stale writer", tag) is None  # a stale If-Match is refused
+    assert s3.read_tagged(where)[0] == b"third"
+    s3.delete(where)
+    assert s3.read_tagged(where) is None
+
+
+def test_conditional_create_and_replace_locally(tmp_path):
+    storage, where = Storage(), str(tmp_path / "x" / "lease.json")
+    tag = storage.create(where, b"first")
+    assert tag and storage.create(where, b"second") is None
+    assert storage.replace_if(where, b"third", "not-the-tag") is None
+    assert storage.replace_if(where, b"third", tag) and (tmp_path / "x" / "lease.json").read_bytes() == b"third"
+    assert not [p for p in (tmp_path / "x").iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_capped_reads_check_the_size_first(s3):
+    s3.write_bytes("s3://captions/big.bin", b"x" * 5000)
+    with pytest.raises(StorageError) as err:
+        s3.read_bytes("s3://captions/big.bin", max_bytes=1000)
+    assert err.value.reason == "too_large"
+    assert len(s3.read_bytes("s3://captions/big.bin", max_bytes=5000)) == 5000
+
+
+def test_downloads_stay_inside_their_folder_and_skip_folder_markers(tmp_path, monkeypatch):
+    storage = Storage()
+    fetched = []
+    monkeypatch.setattr(storage, "download_file", lambda uri, path: fetched.append(path))
+    monkeypatch.setattr(storage, "list", lambda prefix: [f"{prefix}bundle.json", f"{prefix}sub/"])
+    target = storage.local_dir("s3://b/m1", cache=tmp_path)
+    assert fetched == [target / "bundle.json"]  # the folder marker "sub/" is not a file to fetch
+    monkeypatch.setattr(storage, "list", lambda prefix: [f"{prefix}../../../escape.txt"])
+    with pytest.raises(StorageError) as err:
+        storage.local_dir("s3://b/m1", cache=tmp_path)
+    assert err.value.reason == "unsafe_path" and len(fetched) == 1
+
+
+def test_s3_downloads_go_to_a_private_cache_not_tmp(tmp_path, monkeypatch):
+    from captioning.storage import cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = cache_dir()
+    assert folder == tmp_path / "cache" / "captioning" and folder.stat().st_mode & 0o777 == 0o700
+    storage = Storage()
+    monkeypatch.setattr(storage, "download_file", lambda uri, path: path)
+    assert storage.local_file("s3://b/manifests/m.csv").is_relative_to(folder)
+
+
+def test_local_writes_are_synced_before_they_are_renamed(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, Path.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(self, target):
+        events.append(("rename", str(self), str(target)))
+        return real_replace(self, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(Path, "replace", replace)
+    Storage().write_bytes(str(tmp_path / "_committed" / "m.json"), b"{}")
+    synced_file = next(i for i, e in enumerate(events) if e[0] == "fsync" and ".tmp-" in e[1])
+    renamed = next(i for i, e in enumerate(events) if e[0] == "rename")
+    synced_folder = [i for i, e in enumerate(events) if e == ("fsync", str(tmp_path / "_committed"))]
+    assert synced_file < renamed < synced_folder[0]
+    assert events[synced_file][1] == events[renamed][1]  # the very file that is then renamed
+
+
+def test_internal_listeners_refuse_strangers(seaweed):
+    import urllib.error
+    import urllib.request
+
+    import grpc
+
+    Storage(client=seaweed.client()).write_bytes("s3://captions/private.txt", b"secret")
+    filer = f"http://127.0.0.1:{seaweed.ports['filer.port']}"
+    for method, path, data in (("GET", "/buckets/captions/private.txt", None), ("GET", "/buckets/", None),
+                               ("PUT", "/buckets/captions/evil.txt", b"evil")):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(urllib.request.Request(filer + path, data=data, method=method), timeout=10)
+        assert err.value.code == 401, (method, path)
+    for port in ("filer.port.grpc", "master.port.grpc", "volume.port.grpc"):
+        channel = grpc.insecure_channel(f"127.0.0.1:{seaweed.ports[port]}")
+        with pytest.raises(grpc.FutureTimeoutError):
+            grpc.channel_ready_future(channel).result(timeout=2)  # plaintext gRPC: no TLS, no entry
+        channel.close()
+    assert seaweed.data_dir.stat().st_mode & 0o777 == 0o700
+    assert all((seaweed.data_dir / "tls" / f).stat().st_mode & 0o777 == 0o600 for f in ("key.pem", "cert.pem"))

@@ -36,7 +36,14 @@ def test_captions_follow_from_pixels(synthetic_data):
             assert objs[0]["y"] < objs[1]["y"] and " above " in row["caption"][0]
         if row["arrangement"] == "row":
             assert objs[0]["x"] < objs[1]["x"] < objs[2]["x"]
-            assert any(c.startswith(("three shapes", "three ")) for c in row["caption"])
+            shapes = {o["shape"] for o in objs}
+            count = f"three {objs[0]['shape']}s" if len(shapes) == 1 else "three shapes"
+            assert any(c.startswith(count + " ") for c in row["caption"]), (count, row["caption"])
+            # The left-to-right caption names the shapes in the order their pixels stand.
+            left_to_right = next(c for c in row["caption"] if c.endswith("from left to right"))
+            place = -1
+            for obj in objs:  # each named after the previous one (the same shape may appear twice)
+                place = left_to_right.index(f"{obj['colour']} {obj['shape']}", place + 1)
 
 
 def test_manifest_has_several_captions_per_image(synthetic_data):

@@ -5,7 +5,7 @@ import pytest
 
 from captioning.errors import CaptioningError
 from captioning.manifest import read_manifest
-from captioning.train import masked_loss, train
+from captioning.train import Trainer, masked_loss, train
 from tests.conftest import tiny_config
 
 
@@ -24,34 +24,55 @@ def test_training_writes_history_curves_and_restores_best(synthetic_data, traine
     assert meta["metrics"]["best_epoch"] == best["epoch"]
 
 
-def test_early_stopping_restores_the_best_epoch(synthetic_data, tmp_path):
-    # A learning rate this high makes validation loss rise after the first epoch.
+def scripted_validation(monkeypatch, losses):
+    """Real training, but validation reports these losses: the control flow under test, not the dynamics."""
+    real, script, snapshots = Trainer.run_epoch, iter(losses), []
+
+    def run_epoch(self, data, train, steps, desc, progress):
+        metrics = real(self, data, train, steps, desc, progress)
+        if train:
+            return metrics
+        snapshots.append([w.copy() for w in self.model.get_weights()])
+        return {**metrics, "loss": next(script)}
+
+    monkeypatch.setattr(Trainer, "run_epoch", run_epoch)
+    return snapshots
+
+
+def test_early_stopping_restores_the_best_epoch(synthetic_data, feature_cache, tmp_path, monkeypatch):
+    snapshots = scripted_validation(monkeypatch, [2.0, 1.0, 1.5, 1.25, 0.5, 0.1])
     logs = []
     result = train(read_manifest(synthetic_data["train"]), read_manifest(synthetic_data["val"]), tmp_path,
-                   tiny_config(epochs=6, patience=1, learning_rate=0.3), progress=False, log=logs.append)
-    history = result.history
-    assert result.stopped_early and len(history) < 6
-    best = min(range(len(history)), key=lambda i: history[i]["val_loss"])
-    assert result.best_epoch == best + 1
-    assert any("early stopping" in line for line in logs) and sum("sample for" in line for line in logs) == len(history)
-    from captioning.bundle import load_bundle  # the saved weights are the best epoch's, not the last
-    import h5py
+                   tiny_config(epochs=6, patience=2, steps_per_epoch=2, cache_dir=feature_cache), progress=False,
+                   log=logs.append)
+    # Epoch 2 is best; epochs 3 and 4 do not improve on it, so patience 2 stops after epoch 4.
+    assert result.stopped_early and [r["val_loss"] for r in result.history] == [2.0, 1.0, 1.5, 1.25]
+    assert result.best_epoch == 2 and len(snapshots) == 4
+    assert any("early stopping" in line for line in logs) and sum("sample for" in line for line in logs) == 4
+    assert json.loads((tmp_path / "bundle.json").read_text())["metrics"]["val_loss"] == 1.0
+    from captioning.bundle import load_bundle  # the saved weights are epoch 2's, not the last epoch's
 
-    with h5py.File(tmp_path / "decoder.weights.h5") as saved, h5py.File(tmp_path / "checkpoint/best.weights.h5") as kept:
-        def leaves(group):
-            out = []
-            group.visititems(lambda name, obj: out.append(obj[()]) if hasattr(obj, "shape") else None)
-            return out
-        for a, b in zip(leaves(saved), leaves(kept)):
-            np.testing.assert_array_equal(a, b)
-    load_bundle(tmp_path)
+    saved = load_bundle(tmp_path).model.get_weights()
+    for mine, best, last in zip(saved, snapshots[1], snapshots[3]):
+        np.testing.assert_array_equal(mine, best)
+    assert any(not np.array_equal(best, last) for best, last in zip(snapshots[1], snapshots[3]))
 
 
-def test_resume_continues_from_the_last_checkpoint(synthetic_data, tmp_path):
+def test_patience_counts_from_the_last_improvement(synthetic_data, feature_cache, tmp_path, monkeypatch):
+    scripted_validation(monkeypatch, [3.0, 2.0, 2.5, 1.0, 1.5])
+    result = train(read_manifest(synthetic_data["train"]), read_manifest(synthetic_data["val"]), tmp_path,
+                   tiny_config(epochs=5, patience=2, steps_per_epoch=2, cache_dir=feature_cache), progress=False,
+                   log=quiet)
+    # A late improvement (epoch 4) resets patience: the run goes on to its last epoch and keeps epoch 4.
+    assert not result.stopped_early and len(result.history) == 5 and result.best_epoch == 4
+
+
+def test_resume_continues_from_the_last_checkpoint(synthetic_data, feature_cache, tmp_path):
     args = (read_manifest(synthetic_data["train"]), read_manifest(synthetic_data["val"]), tmp_path)
-    first = train(*args, tiny_config(epochs=1), progress=False, log=quiet)
+    first = train(*args, tiny_config(epochs=1, steps_per_epoch=3, cache_dir=feature_cache), progress=False, log=quiet)
     logs = []
-    second = train(*args, tiny_config(epochs=3), progress=False, log=logs.append)
+    second = train(*args, tiny_config(epochs=3, steps_per_epoch=3, cache_dir=feature_cache), progress=False,
+                   log=logs.append)
     assert any("resuming" in line and "after epoch 1" in line for line in logs)
     assert [r["epoch"] for r in second.history] == [1, 2, 3]
     assert second.history[0] == first.history[0]  # epoch 1 was not rerun
@@ -71,8 +92,9 @@ def test_bad_images_are_reported_and_training_goes_on(synthetic_data, tmp_path):
     assert len(skipped) == 3
     assert any("broken.jpg: not an image" in s for s in skipped) and any("absent.jpg" in s for s in skipped)
     assert any("train.jsonl:63" in s for s in skipped)
-    assert json.loads((tmp_path / "m/bundle.json").read_text())["metrics"]["train_images"] == 60
-    assert result.best_epoch == 1
+    metrics = json.loads((tmp_path / "m/bundle.json").read_text())["metrics"]
+    assert metrics["train_images"] == 60 and metrics["train_captions"] == 4 * 60  # the broken rows added none
+    assert result.history[0]["loss"] > 0 and np.isfinite(result.history[0]["val_loss"])
 
 
 def test_no_usable_images_is_an_error(synthetic_data, tmp_path):

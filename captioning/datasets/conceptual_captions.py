@@ -10,8 +10,9 @@ from typing import Callable
 
 from tqdm import tqdm
 
+from captioning.atomic import atomic_write
 from captioning.config import FetchConfig, ImageConfig
-from captioning.errors import CaptioningError
+from captioning.errors import CaptioningError, internal_error
 from captioning.fetch import Fetcher
 from captioning.images import open_image
 from captioning.manifest import ManifestSpec, read_manifest
@@ -58,11 +59,10 @@ def download(
             decoded = open_image(data, row.image, image)
         except CaptioningError as err:
             return {"status": err.reason, "error": err.message}
+        except Exception as err:  # noqa: BLE001  (one row's surprise must never stop the download)
+            return {"status": "internal_error", "error": internal_error(err, row.image)}
         ext = EXTENSIONS.get(decoded.format or "", ".img")
-        target = folder / f"{stem}{ext}"
-        part = target.with_name(target.name + ".part")
-        part.write_bytes(data)
-        part.replace(target)
+        atomic_write(folder / f"{stem}{ext}", data)
         return {"image": f"images/{split}/{stem}{ext}", "status": "ok", "cached": False}
 
     manifest_path, failures_path = out / f"{split}.jsonl", out / f"{split}-failures.jsonl"

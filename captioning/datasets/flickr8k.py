@@ -10,6 +10,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
+from captioning.atomic import atomic_write
 from captioning.config import FetchConfig
 from captioning.errors import CaptioningError
 from captioning.fetch import Fetcher
@@ -91,7 +92,7 @@ def _extract_images(path: Path, folder: Path) -> set[str]:
                     continue  # macOS resource forks shipped inside the zip
                 target = folder / name
                 if not target.exists() or target.stat().st_size != member.file_size:
-                    target.write_bytes(archive.read(member))
+                    atomic_write(target, archive.read(member))
                 names.add(name)
     except zipfile.BadZipFile:
         raise CaptioningError(str(path), "not a valid zip file (delete it to download again)") from None

@@ -11,6 +11,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from captioning.atomic import atomic_path
+
 SIZE = 224
 SHAPES = ("circle", "square", "triangle", "star")
 COLOURS = {
@@ -140,8 +142,7 @@ def generate(out: str | Path, splits: dict[str, int], seed: int = 0, progress: b
         folder = out / "images" / split
         folder.mkdir(parents=True, exist_ok=True)
         path = out / f"{split}.jsonl"
-        tmp = path.with_suffix(".jsonl.tmp")
-        with tmp.open("w") as handle:
+        with atomic_path(path) as tmp, tmp.open("w") as handle:
             for i in tqdm(range(count), desc=f"synthetic {split}", disable=not progress, unit="img"):
                 # One generator per image: image i is the same whatever the split size.
                 rng = np.random.default_rng([seed, SPLIT_STREAMS.get(split, 9), i])
@@ -151,6 +152,5 @@ def generate(out: str | Path, splits: dict[str, int], seed: int = 0, progress: b
                 record = {"image": name, "caption": captions_for(scene), "tone": scene.tone,
                           "arrangement": scene.arrangement, "objects": [asdict(o) for o in scene.objects]}
                 handle.write(json.dumps(record) + "\n")
-        tmp.replace(path)
         manifests[split] = path
     return manifests

@@ -1,0 +1,93 @@
+"""One run per output: the lease on local disk and on the real S3 server (conditional writes)."""
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from captioning.lease import Lease, LeaseHeld
+from captioning.storage import Storage
+
+
+@pytest.fixture(params=["local", "s3"])
+def place(request, tmp_path):
+    """(storage, lease uri) on local disk or in SeaweedFS."""
+    if request.param == "local":
+        return Storage(), str(tmp_path / "out" / "_lease.json")
+    seaweed = request.getfixturevalue("seaweed")
+    return Storage(client=seaweed.client()), f"s3://outputs/{tmp_path.name}/_lease.json"
+
+
+def test_a_live_lease_refuses_a_second_run_and_is_released(place):
+    storage, where = place
+    with Lease(storage, where, log=lambda _: None, what="batch run") as first:
+        with pytest.raises(LeaseHeld, match=r"another batch run is writing this output: host \S+, pid \d+"):
+            Lease(storage, where, log=lambda _: None).acquire()
+        assert json.loads(storage.read_tagged(where)[0])["id"] == first.id
+    assert storage.read_tagged(where) is None  # released
+    with Lease(storage, where, log=lambda _: None):  # and free for the next run
+        pass
+
+
+def test_heartbeat_renews_and_a_stale_lease_is_taken_over(place):
+    storage, where = place
+    holder = Lease(storage, where, heartbeat=0.2, log=lambda _: None).acquire()
+    first_beat = json.loads(storage.read_tagged(where)[0])["heartbeat"]
+    time.sleep(0.7)
+    assert json.loads(storage.read_tagged(where)[0])["heartbeat"] > first_beat  # renewed
+    holder._stop.set()  # the holder hangs: no more heartbeats
+    holder._thread.join()
+    time.sleep(0.6)
+    logs = []
+    taker = Lease(storage, where, stale_after=0.5, log=logs.append).acquire()
+    try:
+        assert any("took over a stale lease" in line and "last heartbeat" in line for line in logs)
+        assert json.loads(storage.read_tagged(where)[0])["id"] == taker.id
+        # The old holder's next beat finds the lease gone to another run (its conditional write is refused).
+        holder.log = logs.append
+        assert not holder.renew() and holder.lost
+        assert any("lost the lease" in line for line in logs)
+        assert json.loads(storage.read_tagged(where)[0])["id"] == taker.id
+    finally:
+        taker.release()
+
+
+def test_only_one_of_many_simultaneous_takers_wins(place):
+    storage, where = place
+    results, barrier = [], threading.Barrier(6)
+
+    def take():
+        barrier.wait()
+        try:
+            results.append(Lease(storage, where, log=lambda _: None).acquire())
+        except LeaseHeld:
+            results.append(None)
+
+    threads = [threading.Thread(target=take) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    winners = [lease for lease in results if lease is not None]
+    assert len(results) == 6 and len(winners) == 1
+    winners[0].release()
+
+
+def test_a_killed_holder_on_this_host_is_taken_over_at_once(tmp_path):
+    where = str(tmp_path / "_lease.json")
+    code = ("import sys, time; from captioning.lease import Lease; from captioning.storage import Storage; "
+            f"Lease(Storage(), {where!r}, log=print).acquire(); print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LeaseHeld):
+            Lease(Storage(), where, log=lambda _: None).acquire()  # alive: refused
+    finally:
+        holder.kill()
+        holder.wait()
+    logs = []
+    Lease(Storage(), where, stale_after=3600, log=logs.append).acquire().release()
+    assert any("its process is gone" in line for line in logs)

@@ -144,13 +144,20 @@ def plan_shards(config: BulkConfig, storage: Storage) -> tuple[list[int], int]:
 
     A committed shard is skipped, unless retry_failed is set and it holds transient failures.
     """
-    check_plan(config, storage)
-    committed = {name.rsplit("/", 1)[-1].removesuffix(".json") for name in storage.list(uri(config.output, "_committed"))
-                 if name.endswith(".json")}
+    committed: set[str] | None = None  # known once the plan is checked, after the first shard's rows
     todo, rows, batch, shard = [], 0, [], 0
     writes: deque[Future] = deque()
 
     def flush(shard: int, batch: list[dict]) -> None:
+        nonlocal committed
+        if committed is None:
+            if all(r["error"] for r in batch):
+                # A misread manifest (wrong --url-column or --format), caught before anything is written.
+                raise CaptioningError(config.manifest, f"its first {len(batch)} rows are all malformed "
+                                      f"({batch[0]['error'].split(': ', 1)[-1]}); check --format and --url-column")
+            check_plan(config, storage)
+            committed = {name.rsplit("/", 1)[-1].removesuffix(".json")
+                         for name in storage.list(uri(config.output, "_committed")) if name.endswith(".json")}
         name = shard_name(shard)
         if name in committed:
             if config.retry_failed and _has_transient(config, storage, shard):

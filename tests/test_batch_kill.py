@@ -15,7 +15,7 @@ from tests.conftest import LoopbackServer, Reply
 
 pytestmark = pytest.mark.ray
 
-ROWS, SHARD = 60, 4
+ROWS, SHARD = 40, 4
 SHARDS = ROWS // SHARD
 
 

@@ -134,10 +134,11 @@ def test_offline_imagenet_weights_are_one_line_with_the_way_out(synthetic_data, 
     assert "--weights none" in lines[0] and ".weights.h5" in lines[0]
 
 
-@pytest.mark.ray
-def test_a_job_where_every_row_is_malformed_fails(ray_session, trained_bundle, tmp_path, capsys):
+def test_a_misread_manifest_stops_before_any_work(trained_bundle, tmp_path, capsys):
     (tmp_path / "m.csv").write_text("link,caption\nhttp://h/1.jpg,a\nhttp://h/2.jpg,b\n")  # no "url" column
     code, _, err = run(capsys, "batch", "--manifest", str(tmp_path / "m.csv"), "--model", str(trained_bundle),
                        "--output", str(tmp_path / "out"), "--no-progress")
-    assert code == 1 and err.strip().splitlines()[-1].startswith("error: ")
-    assert "every one of its 2 rows is malformed" in err and "--url-column" in err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: ")
+    assert "first 2 rows are all malformed" in err and "'url'" in err and "--url-column" in err
+    # Nothing was planned, so the corrected command starts cleanly into the same output.
+    assert not (tmp_path / "out" / "_plan.json").exists() and not (tmp_path / "out" / "_input").exists()

@@ -74,3 +74,49 @@ def test_decompression_bomb_is_refused_from_the_header(tmp_path):
 def test_load_image_reports_missing_file(tmp_path):
     with pytest.raises(CaptioningError, match="missing.jpg: cannot read: No such file"):
         load_image(str(tmp_path / "missing.jpg"), CONFIG)
+
+
+def test_decode_memory_is_counted_per_byte_per_pixel():
+    from captioning.images import decode_cost
+
+    rgba = Image.new("RGBA", (100, 50))
+    assert decode_cost(Image.open(io.BytesIO(encode(rgba, "PNG")))) == 100 * 50 * (4 + 4)  # RGBA + RGB copy
+    assert decode_cost(Image.open(io.BytesIO(encode(Image.new("L", (100, 50)), "PNG")))) == 100 * 50 * (1 + 4)
+    tight = ImageConfig(size=32, max_pixels=10**8, max_decode_bytes=30_000)
+    with pytest.raises(ImageError, match="needs 0 MiB to decode") as err:  # 40,000 bytes, under the pixel limit
+        decode_image(encode(rgba, "PNG"), "rgba.png", tight)
+    assert err.value.reason == "too_large"
+    assert decode_image(encode(Image.new("L", (50, 50)), "PNG"), "small.png", tight).shape == (32, 32, 3)
+
+
+def test_only_supported_formats_are_opened():
+    ico = encode(Image.new("RGB", (32, 32)), "ICO")  # Pillow could open it; the job does not want to
+    with pytest.raises(ImageError) as err:
+        decode_image(ico, "x.ico", CONFIG)
+    assert err.value.reason == "not_an_image"
+    assert decode_image(ico, "x.ico", ImageConfig(size=32, formats=("ICO",))).shape == (32, 32, 3)
+
+
+def test_decode_budget_bounds_the_bytes_in_flight():
+    import threading
+    import time
+
+    from captioning.images import DecodeBudget
+
+    budget, seen, lock = DecodeBudget(100), [], threading.Lock()
+
+    def decode(cost):
+        with budget.reserve(cost):
+            with lock:
+                seen.append(budget.in_use)
+            time.sleep(0.05)
+
+    threads = [threading.Thread(target=decode, args=(60,)) for _ in range(4)]
+    threads.append(threading.Thread(target=decode, args=(500,)))  # over the budget alone: runs, but alone
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(5)
+    assert not any(t.is_alive() for t in threads) and budget.in_use == 0 and len(seen) == 5
+    # Never two 60s at once (120 > 100), and the oversized one only ever alone.
+    assert all(level in (60, 500) for level in seen), seen

@@ -29,7 +29,8 @@ from captioning.evaluate import corpus_scores, evaluate, format_scores  # noqa: 
 from captioning.features import FeatureCache  # noqa: E402
 from captioning.manifest import read_manifest  # noqa: E402
 from captioning.text import clean_text  # noqa: E402
-from captioning.train import feature_key, train  # noqa: E402
+from captioning.train import train  # noqa: E402
+from captioning.training.data import feature_key  # noqa: E402
 
 
 def main() -> int:

@@ -161,7 +161,9 @@ _WATCHDOG = _Watchdog()
 _current = threading.local()  # the calling thread's _Watch, found by the connection classes below
 
 
-class _WatchedHTTPConnection(HTTPConnection):
+class _Watched:
+    """Connection mixin: hands the socket about to be read to the calling thread's watch."""
+
     def getresponse(self):  # noqa: ANN201
         watch = getattr(_current, "watch", None)
         if watch is not None:
@@ -169,12 +171,12 @@ class _WatchedHTTPConnection(HTTPConnection):
         return super().getresponse()
 
 
-class _WatchedHTTPSConnection(HTTPSConnection):
-    def getresponse(self):  # noqa: ANN201
-        watch = getattr(_current, "watch", None)
-        if watch is not None:
-            watch.attach(self)
-        return super().getresponse()
+class _WatchedHTTPConnection(_Watched, HTTPConnection):
+    pass
+
+
+class _WatchedHTTPSConnection(_Watched, HTTPSConnection):
+    pass
 
 
 class Fetcher:

@@ -248,7 +248,7 @@ def test_changed_reruns_are_refused_before_any_work(ray_session, trained_bundle,
         refused(config, "manifest")
         manifest.write_text(original.replace("/3.jpg", "/5.jpg"))  # a URL edited in place, same size
         refused(config, "manifest")
-        refused(replace(config, spec=replace(config.spec, image_column="link")), "url_column 'url' -> 'link'")
+        refused(replace(config, spec=replace(config.spec, caption_column="text")), "caption_column 'caption' -> 'text'")
         manifest.write_text(original)
         again = run(config, log=lambda _: None, progress=False)  # the original plan still runs
         assert again["rows"] == 5 and again["rows_processed_this_run"] == 0

@@ -9,13 +9,13 @@ from captioning.cli import main
 
 def test_end_to_end(tmp_path, capsys):
     data, model = tmp_path / "data", tmp_path / "model"
-    assert main(["data", "synthetic", "--out", str(data), "--train", "200", "--val", "30", "--test", "20",
+    assert main(["data", "synthetic", "--out", str(data), "--train", "120", "--val", "20", "--test", "20",
                  "--seed", "11"]) == 0
     assert main(["train", "--train", str(data / "train.jsonl"), "--val", str(data / "val.jsonl"), "--out", str(model),
-                 "--weights", "none", "--epochs", "3", "--d-model", "32", "--layers", "1", "--max-length", "20",
+                 "--weights", "none", "--epochs", "2", "--d-model", "32", "--layers", "1", "--max-length", "20",
                  "--learning-rate", "3e-3", "--batch-size", "32", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "epoch 3:" in out and out.count("sample for") == 3
+    assert "epoch 2:" in out and out.count("sample for") == 2
     image = data / "images" / "test" / "000000.jpg"
     assert main(["caption", str(model), str(image), "--attention-plot", str(tmp_path / "a.png")]) == 0
     caption = capsys.readouterr().out.split("\t")[1].strip()

@@ -5,7 +5,8 @@ import pytest
 
 from captioning.errors import CaptioningError
 from captioning.manifest import read_manifest
-from captioning.train import Trainer, masked_loss, train
+from captioning.train import train
+from captioning.training.loop import Trainer, masked_loss
 from tests.conftest import tiny_config
 
 
@@ -61,7 +62,8 @@ def test_early_stopping_restores_the_best_epoch(synthetic_data, feature_cache, t
 def test_patience_counts_from_the_last_improvement(synthetic_data, feature_cache, tmp_path, monkeypatch):
     scripted_validation(monkeypatch, [3.0, 2.0, 2.5, 1.0, 1.5])
     result = train(read_manifest(synthetic_data["train"]), read_manifest(synthetic_data["val"]), tmp_path,
-                   tiny_config(epochs=5, patience=2, steps_per_epoch=2, cache_dir=feature_cache), progress=False,
+                   tiny_config(epochs=5, patience=2, steps_per_epoch=2, cache_dir=feature_cache,
+                               sample_every_epoch=False), progress=False,
                    log=quiet)
     # A late improvement (epoch 4) resets patience: the run goes on to its last epoch and keeps epoch 4.
     assert not result.stopped_early and len(result.history) == 5 and result.best_epoch == 4
@@ -78,7 +80,7 @@ def test_resume_continues_from_the_last_checkpoint(synthetic_data, feature_cache
     assert second.history[0] == first.history[0]  # epoch 1 was not rerun
 
 
-def test_bad_images_are_reported_and_training_goes_on(synthetic_data, tmp_path):
+def test_bad_images_are_reported_and_training_goes_on(synthetic_data, feature_cache, tmp_path):
     good = synthetic_data["train"].read_text().splitlines()[:60]
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg at all")
     lines = good + [json.dumps({"image": str(tmp_path / "broken.jpg"), "caption": ["x"]}),
@@ -87,7 +89,7 @@ def test_bad_images_are_reported_and_training_goes_on(synthetic_data, tmp_path):
     manifest_path.write_text("\n".join(lines).replace('"images/', f'"{synthetic_data["train"].parent}/images/') + "\n")
     logs = []
     result = train(read_manifest(manifest_path), read_manifest(synthetic_data["val"]), tmp_path / "m",
-                   tiny_config(epochs=1), progress=False, log=logs.append)
+                   tiny_config(epochs=1, cache_dir=feature_cache), progress=False, log=logs.append)
     skipped = [line for line in logs if line.startswith("skipped")]
     assert len(skipped) == 3
     assert any("broken.jpg: not an image" in s for s in skipped) and any("absent.jpg" in s for s in skipped)

@@ -1,0 +1,132 @@
+"""Per-epoch hooks: early stopping with the best weights, checkpoints, history and curves, samples, time budget."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import keras
+import numpy as np
+
+from captioning.atomic import atomic_path, atomic_write
+from captioning.plots import plot_history
+from captioning.training.loop import Hook, Trainer, TrainState
+
+
+class EarlyStopping(Hook):
+    """Keeps the weights of the epoch with the lowest validation loss; stops after `patience` epochs without one.
+
+    Every worker sees the same (all-reduced) validation loss, so every worker stops at the same epoch.
+    """
+
+    def __init__(self, model: keras.Model, patience: int, log: Callable[[str], None] = print) -> None:
+        self.model, self.patience, self.log = model, patience, log
+        self.best_weights: list[np.ndarray] | None = None
+
+    def on_epoch_end(self, state: TrainState, row: dict[str, float]) -> None:
+        if row["val_loss"] < state.best_loss:
+            state.best_loss, state.best_epoch, state.wait = row["val_loss"], state.epoch, 0
+            self.best_weights = self.model.get_weights()
+        else:
+            state.wait += 1
+        if state.wait >= self.patience:
+            state.stop = f"early stopping: val_loss has not improved for {self.patience} epochs"
+            state.stopped_early = True
+
+    def on_train_end(self, state: TrainState) -> None:
+        if self.best_weights is not None:
+            self.model.set_weights(self.best_weights)
+        best = state.history[state.best_epoch - 1]
+        self.log(f"restored the best weights, from epoch {state.best_epoch} (val_loss {best['val_loss']:.4f})")
+
+
+class Checkpoints(Hook):
+    """Last weights, optimizer slots (npz, no pickle), best weights and loop state in one folder, each epoch.
+
+    state.json is written last: a folder without it holds no usable checkpoint. Only the writer (rank 0)
+    writes; every worker can restore.
+    """
+
+    def __init__(self, folder: Path, trainer: Trainer, early: EarlyStopping, writer: bool = True) -> None:
+        self.folder, self.trainer, self.early, self.writer = Path(folder), trainer, early, writer
+
+    def exists(self) -> bool:
+        """Whether the folder holds a complete checkpoint."""
+        return (self.folder / "state.json").exists()
+
+    def restore(self) -> TrainState:
+        """Weights, optimizer and state of the last checkpoint; the best weights go back to early stopping."""
+        model = self.trainer.model
+        if (self.folder / "best.weights.h5").exists():
+            model.load_weights(str(self.folder / "best.weights.h5"))
+            self.early.best_weights = model.get_weights()
+        model.load_weights(str(self.folder / "last.weights.h5"))
+        with np.load(self.folder / "optimizer.npz", allow_pickle=False) as saved:
+            for i, variable in enumerate(self.trainer.optimizer.variables):
+                variable.assign(saved[f"arr_{i}"])
+        return TrainState.from_dict(json.loads((self.folder / "state.json").read_text()))
+
+    def on_epoch_end(self, state: TrainState, row: dict[str, float]) -> None:
+        if not self.writer:
+            return
+        model = self.trainer.model
+        if state.best_epoch == state.epoch:
+            with atomic_path(self.folder / "best.weights.h5") as tmp:
+                model.save_weights(str(tmp))
+        with atomic_path(self.folder / "last.weights.h5") as tmp:
+            model.save_weights(str(tmp))
+        with atomic_path(self.folder / "optimizer.npz") as tmp, open(tmp, "wb") as handle:
+            np.savez(handle, *[v.numpy() for v in self.trainer.optimizer.variables])
+        atomic_write(self.folder / "state.json", json.dumps({**state.to_dict(), "stop": None}).encode())
+
+
+class History(Hook):
+    """history.csv, history.json and training_curves.png in the model folder, rewritten each epoch."""
+
+    def __init__(self, out: Path, writer: bool = True) -> None:
+        self.out, self.writer = Path(out), writer
+
+    def on_epoch_end(self, state: TrainState, row: dict[str, float]) -> None:
+        if self.writer:
+            write_history(self.out, state.history)
+
+
+class SampleCaption(Hook):
+    """One caption per epoch for a fixed validation image: training progress anyone can read."""
+
+    def __init__(self, caption: Callable[[], str], name: str, log: Callable[[str], None] = print) -> None:
+        self.caption, self.name, self.log = caption, name, log
+
+    def on_epoch_end(self, state: TrainState, row: dict[str, float]) -> None:
+        self.log(f"  sample for {self.name}: {self.caption()}")
+
+
+class TimeBudget(Hook):
+    """Ends the run after the epoch during which the wall-clock budget ran out."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self.started = time.monotonic()
+
+    def on_train_begin(self, state: TrainState) -> None:
+        self.started = time.monotonic()
+
+    def on_epoch_end(self, state: TrainState, row: dict[str, float]) -> None:
+        if self.seconds is not None and not state.stop and time.monotonic() - self.started > self.seconds:
+            state.stop = f"time budget of {self.seconds:.0f} s used up after epoch {state.epoch}"
+
+
+def write_history(out: Path, history: Sequence[dict[str, Any]]) -> None:
+    """history.csv, history.json and training_curves.png in the model directory."""
+    if not history:
+        return
+    with atomic_path(out / "history.csv") as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    atomic_write(out / "history.json", json.dumps(list(history), indent=2).encode())
+    with atomic_path(out / "training_curves.png") as tmp:
+        plot_history(history, tmp)

@@ -1,0 +1,148 @@
+"""The custom training step under strategy.run, and the epoch loop that calls hooks after every epoch."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+from captioning.config import TrainConfig
+from captioning.model import Captioner
+
+
+def masked_loss(labels: tf.Tensor, logits: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Summed cross-entropy, token count and correct predictions over non-padding labels."""
+    labels = tf.cast(labels, tf.int64)  # Keras can hand labels over as float
+    mask = tf.cast(labels != 0, tf.float32)
+    loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+    correct = tf.cast(tf.argmax(logits, axis=-1) == labels, tf.float32)
+    return tf.reduce_sum(loss * mask), tf.reduce_sum(mask), tf.reduce_sum(correct * mask)
+
+
+class Trainer:
+    """Owns the model, optimizer and strategy; run_epoch drives the step functions under strategy.run."""
+
+    def __init__(self, model: Captioner, config: TrainConfig, strategy: tf.distribute.Strategy) -> None:
+        self.model, self.config, self.strategy = model, config, strategy
+        with strategy.scope():
+            self.optimizer = keras.optimizers.Adam(config.learning_rate)
+            self.optimizer.build(model.trainable_variables)
+        self._train_step = tf.function(self._distributed(self._train_replica))
+        self._eval_step = tf.function(self._distributed(self._eval_replica))
+
+    def _distributed(self, replica_fn: Callable) -> Callable:
+        @tf.autograph.experimental.do_not_convert
+        def step(batch):
+            sums = self.strategy.run(replica_fn, args=(batch,))
+            return [self.strategy.reduce(tf.distribute.ReduceOp.SUM, s, axis=None) for s in sums]
+        return step
+
+    def _train_replica(self, batch):
+        (features, tokens), labels = batch
+        with tf.GradientTape() as tape:
+            logits = self.model((features, tokens), training=True)
+            loss_sum, count, correct = masked_loss(labels, logits)
+            # Mean over this replica's tokens; gradients from replicas are summed, hence the division.
+            loss = loss_sum / tf.maximum(count, 1.0) / self.strategy.num_replicas_in_sync
+        grads = tape.gradient(loss, self.model.trainable_variables)
+        self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
+        return loss_sum, count, correct
+
+    def _eval_replica(self, batch):
+        (features, tokens), labels = batch
+        return masked_loss(labels, self.model((features, tokens), training=False))
+
+    def run_epoch(self, data: tf.data.Dataset, train: bool, steps: int | None, desc: str, progress: bool) -> dict:
+        """One pass; returns mean masked loss and accuracy, and how many label tokens they cover."""
+        step_fn = self._train_step if train else self._eval_step
+        totals = np.zeros(3)
+        bar = tqdm(total=steps, desc=desc, unit="batch", disable=not progress, leave=False, file=sys.stderr)
+        for i, batch in enumerate(self.strategy.experimental_distribute_dataset(data)):
+            if steps is not None and i >= steps:
+                break
+            totals += np.array([float(v) for v in step_fn(batch)])
+            bar.update(1)
+            bar.set_postfix(loss=f"{totals[0] / max(totals[1], 1):.3f}", acc=f"{totals[2] / max(totals[1], 1):.3f}")
+        bar.close()
+        return {"loss": totals[0] / max(totals[1], 1), "accuracy": totals[2] / max(totals[1], 1),
+                "tokens": totals[1]}
+
+
+@dataclass
+class TrainState:
+    """Where a run stands; saved with every checkpoint, so a resumed run goes on where it stopped."""
+
+    epoch: int = 0
+    best_loss: float = math.inf
+    best_epoch: int = -1
+    wait: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    stop: str | None = None  # why the loop ends early, set by a hook
+    stopped_early: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for JSON."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainState":
+        """Inverse of to_dict (older checkpoints lack the newer fields)."""
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class Hook:
+    """Per-epoch work beside the loop (callback style): early stopping, checkpoints, history, reporting."""
+
+    def on_train_begin(self, state: TrainState) -> None:
+        """Before the first epoch of this run (after a resume, too)."""
+
+    def on_epoch_end(self, state: TrainState, row: dict[str, float]) -> None:
+        """After each epoch's training and validation; set state.stop to end the loop."""
+
+    def on_train_end(self, state: TrainState) -> None:
+        """After the last epoch, whatever ended the loop."""
+
+
+@dataclass
+class EpochLoop:
+    """Train and validate epoch after epoch; everything else an epoch triggers is a hook, in order."""
+
+    trainer: Trainer
+    epochs: int
+    hooks: Sequence[Hook]
+    log: Callable[[str], None] = print
+    progress: bool = True
+
+    def run(self, train_data: tf.data.Dataset, val_data: tf.data.Dataset, steps: int, val_steps: int,
+            state: TrainState) -> TrainState:
+        """Epochs from state.epoch to self.epochs, unless a hook stops the run first."""
+        for hook in self.hooks:
+            hook.on_train_begin(state)
+        for epoch in range(state.epoch, self.epochs):
+            started = time.perf_counter()
+            train = self.trainer.run_epoch(train_data, True, steps, f"epoch {epoch + 1}/{self.epochs}", self.progress)
+            seconds = time.perf_counter() - started
+            val = self.trainer.run_epoch(val_data, False, val_steps, "validation", self.progress)
+            row = {"epoch": epoch + 1, "loss": train["loss"], "accuracy": train["accuracy"],
+                   "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+                   "seconds": round(seconds, 3), "step_seconds": round(seconds / max(steps, 1), 4)}
+            state.history.append(row)
+            state.epoch = epoch + 1
+            self.log(f"epoch {epoch + 1}: loss {row['loss']:.4f} acc {row['accuracy']:.4f} "
+                     f"val_loss {row['val_loss']:.4f} val_acc {row['val_accuracy']:.4f} ({seconds:.1f} s)")
+            for hook in self.hooks:
+                hook.on_epoch_end(state, row)
+            if state.stop:
+                self.log(state.stop)
+                break
+        for hook in self.hooks:
+            hook.on_train_end(state)
+        return state

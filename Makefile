@@ -16,7 +16,7 @@ demo: $(VENV)/.installed
 	$(BIN)/captioning demo --out runs/demo
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest tests --durations=15
+	$(BIN)/python -m pytest tests -n 2 --dist loadgroup --durations=15
 
 bench-quality: $(VENV)/.installed
 	$(BIN)/python benchmarks/quality.py

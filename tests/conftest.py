@@ -162,3 +162,10 @@ def trained_bundle(synthetic_data, feature_cache, tmp_path_factory) -> Path:
     train(read_manifest(synthetic_data["train"]), read_manifest(synthetic_data["val"]), out,
           tiny_config(cache_dir=feature_cache), progress=False, log=lambda _: None)
     return out
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Under pytest-xdist (-n 2 --dist loadgroup), every Ray test runs on one worker, beside one Ray instance."""
+    for item in items:
+        if item.get_closest_marker("ray"):
+            item.add_marker(pytest.mark.xdist_group("ray"))

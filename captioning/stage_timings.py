@@ -64,7 +64,9 @@ def stage_report(timings: list[dict], images: int, actors: int, started: float) 
     first, last = min(s for s, _ in captions), max(e for _, e in captions)
     inits = [t["spans"]["actor_init"] for t in timings if "actor_init" in t["spans"]]
     busy = sum(e - s for s, e in captions) / max(actors * (last - first), 1e-9)
-    if busy >= BUSY_ENOUGH:
+    if images == 0:
+        bound, why = "nothing captioned", "every row failed before reaching the caption actors"
+    elif busy >= BUSY_ENOUGH:
         bound = max(("backbone", "decoder"), key=seconds.get)
         why = f"caption actors busy {busy:.0%} of the time; {bound} is the larger share of their work"
     elif seconds["write"] > seconds["backbone"] + seconds["decoder"]:

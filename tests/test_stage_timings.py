@@ -60,6 +60,12 @@ def test_nothing_processed_gives_an_empty_report():
     assert stage_report([], images=0, actors=1, started=0.0) == {}
 
 
+def test_shards_whose_rows_all_failed_name_no_stage_as_the_bound():
+    seconds = {work: 0.0 for work in WORK} | {"fetch": 3.0, "write": 0.1}
+    report = stage_report([shard(10.0, 3.0, 0.01, 0.1, seconds)], images=0, actors=1, started=9.0)
+    assert report["bound_by"] == "nothing captioned" and "every row failed" in report["why"]
+
+
 def test_pipeline_stages_other_than_the_actors_do_not_import_tensorflow():
     # Fetch and write tasks import captioning.bulk: TensorFlow there would cost seconds and ~0.5 GB a worker.
     code = "import sys, captioning.bulk, jobs.batch; print('tensorflow' in sys.modules)"

@@ -14,7 +14,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from captioning.config import ImageConfig
 from captioning.errors import CaptioningError, ImageError
 from captioning.fetch import Fetcher, is_url
-from captioning.storage import Storage, is_s3
+from captioning.storage import Storage
 
 
 def read_source(source: str, fetcher: Fetcher | None, storage: Storage | None = None,

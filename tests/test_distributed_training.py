@@ -31,7 +31,6 @@ def test_training_step_runs_under_mirrored_strategy(synthetic_data, feature_cach
 
 
 def test_each_worker_reads_its_own_slice_in_equal_steps(synthetic_data, tmp_path):
-    import numpy as np
     import tensorflow as tf
 
     from captioning.config import ImageConfig

@@ -25,7 +25,7 @@ import uuid
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -87,6 +87,30 @@ class BulkConfig:
         """The same run with local manifest/model/output paths made absolute, as Ray workers need."""
         return replace(self, manifest=absolute(self.manifest), model=absolute(self.model), output=absolute(self.output))
 
+    def plan_extra(self) -> dict[str, Any]:
+        """Nothing beyond the shared plan fields decides a bulk run's shards."""
+        return {}
+
+
+class ShardedJob(Protocol):
+    """What plan_shards and fetch_shard read of a job's config: the bulk job's and the features job's fields."""
+
+    manifest: str
+    output: str
+    spec: ManifestSpec
+    shard_size: int
+    retry_failed: bool
+    fetch_threads: int
+    allow_local_files: bool
+    allow_s3_sources: bool
+    decode_memory: int
+    fetch: FetchConfig
+    image: ImageConfig
+    storage: StorageConfig
+
+    def plan_extra(self) -> dict[str, Any]:
+        """Job-specific plan fields: a rerun that changes any of them is refused."""
+
 
 def uri(output: str, *parts: str) -> str:
     """Join an output URI and path parts."""
@@ -105,15 +129,15 @@ def file_id(row_id: str) -> str:
     return "id-" + hashlib.sha256(row_id.encode()).hexdigest()[:20]
 
 
-def plan_record(config: BulkConfig, storage: Storage) -> dict[str, Any]:
+def plan_record(config: ShardedJob, storage: Storage) -> dict[str, Any]:
     """What decides which rows land in which shard: the manifest's content, the shard size and the columns."""
     spec = config.spec
     return {"plan_version": PLAN_VERSION, "manifest": storage.describe(config.manifest),
             "shard_size": config.shard_size, "format": spec.format, "url_column": spec.image_column,
-            "caption_column": spec.caption_column, "id_column": spec.id_column}
+            "caption_column": spec.caption_column, "id_column": spec.id_column, **config.plan_extra()}
 
 
-def check_plan(config: BulkConfig, storage: Storage) -> None:
+def check_plan(config: ShardedJob, storage: Storage) -> None:
     """Record the plan on a first run; refuse a rerun whose plan differs, before any work."""
     plan = plan_record(config, storage)
     where = uri(config.output, "_plan.json")
@@ -139,7 +163,7 @@ def _plan_value(value: Any) -> str:
     return repr(value)
 
 
-def plan_shards(config: BulkConfig, storage: Storage) -> tuple[list[int], int]:
+def plan_shards(config: ShardedJob, storage: Storage) -> tuple[list[int], int]:
     """Stream the manifest into per-shard input files; returns the shards to process and the total row count.
 
     A committed shard is skipped, unless retry_failed is set and it holds transient failures.
@@ -174,7 +198,7 @@ def plan_shards(config: BulkConfig, storage: Storage) -> tuple[list[int], int]:
         for row in iter_rows(config.manifest, config.spec, storage):
             # url is the cell as written (outputs trace back to it verbatim); source is where it resolves.
             batch.append({"row": row.row, "index": rows, "id": row.id, "url": row.value, "source": row.image,
-                          "reference": row.captions[0] if row.captions else None,
+                          "reference": row.captions[0] if row.captions else None, "captions": list(row.captions),
                           "error": str(row.error) if row.error else None})
             rows += 1
             if len(batch) == config.shard_size:
@@ -187,12 +211,12 @@ def plan_shards(config: BulkConfig, storage: Storage) -> tuple[list[int], int]:
     return todo, rows
 
 
-def _has_transient(config: BulkConfig, storage: Storage, shard: int) -> bool:
+def _has_transient(config: ShardedJob, storage: Storage, shard: int) -> bool:
     marker = json.loads(storage.read_bytes(uri(config.output, "_committed", f"{shard_name(shard)}.json")))
     return any(status in TRANSIENT_REASONS for status in marker["statuses"])
 
 
-def admit(row: dict[str, Any], config: BulkConfig) -> str:
+def admit(row: dict[str, Any], config: ShardedJob) -> str:
     """The source to read for a row, or a FetchError (bad_url, unsupported_scheme): a URL job reads only URLs."""
     value = (row["url"] or "").strip()
     scheme = SCHEME.match(value)
@@ -214,7 +238,7 @@ def admit(row: dict[str, Any], config: BulkConfig) -> str:
     raise FetchError(redact(value), f"unsupported scheme {name!r} (only http and https)", "unsupported_scheme")
 
 
-def fetch_shard(item: dict[str, Any], config: BulkConfig) -> dict[str, Any]:
+def fetch_shard(item: dict[str, Any], config: ShardedJob) -> dict[str, Any]:
     """Fetch and decode every row of one shard, many requests at once; failures become row statuses."""
     clock = StageClock()
     storage = Storage(config.storage)
@@ -270,7 +294,7 @@ def fetch_shard(item: dict[str, Any], config: BulkConfig) -> dict[str, Any]:
     }
 
 
-def _read_previous(config: BulkConfig, storage: Storage, shard: int) -> list[dict]:
+def _read_previous(config: ShardedJob, storage: Storage, shard: int) -> list[dict]:
     data = storage.read_bytes(uri(config.output, "captions", f"{shard_name(shard)}.parquet"))
     return pq.read_table(io.BytesIO(data)).to_pylist()
 
@@ -387,6 +411,27 @@ def write_shard(item: dict[str, Any], config: BulkConfig) -> dict[str, Any]:
     storage.write_bytes(uri(config.output, "_committed", f"{name}.json"), json.dumps(marker).encode())
     return {"shard": shard, "rows": len(rows), "ok": statuses.count("ok"), "failed": len(rows) - statuses.count("ok"),
             "fresh": len(fresh)}
+
+
+def check_ranges(config: ShardedJob, markers: list[dict], total_rows: int, shards_total: int) -> None:
+    """Every shard committed once, holding exactly its manifest rows: ranges, not only counts."""
+    by_shard = {m["shard"]: m for m in markers}
+    missing, wrong = [], []
+    for shard in range(shards_total):
+        first = shard * config.shard_size
+        last = min(first + config.shard_size, total_rows) - 1
+        marker = by_shard.get(shard)
+        if marker is None:
+            missing.append(shard)
+        elif (marker.get("first_row"), marker.get("last_row"), marker["rows"]) != (first, last, last - first + 1):
+            wrong.append(shard)
+    wrong += sorted(shard for shard in by_shard if shard >= shards_total)
+    if wrong:
+        raise CaptioningError(config.output, f"shard(s) {', '.join(map(str, wrong[:5]))} hold other rows than the "
+                              "manifest now gives them; pass a new --output to start over")
+    if missing:
+        raise CaptioningError(config.output, f"{shards_total - len(missing)}/{shards_total} shards committed; rerun "
+                              "the same command to finish")
 
 
 def read_output(output: str, storage: Storage | None = None) -> Iterator[dict]:

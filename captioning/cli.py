@@ -138,29 +138,67 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("--base-url", default=None, help="mirror of the gcc-data bucket")
     _network_args(cc, s3=False)
 
-    train = commands.add_parser("train", help="train a captioner into a model directory")
-    train.add_argument("--train", required=True, help="training manifest")
-    train.add_argument("--val", required=True, help="validation manifest")
-    train.add_argument("--out", required=True, help="model directory (resumes if it holds a checkpoint)")
+    train = commands.add_parser("train", help="train a captioner into a model directory or s3:// prefix")
+    train.add_argument("--train", required=True, help="training manifest, or a feature set from `captioning features`")
+    train.add_argument("--val", required=True, help="validation manifest or feature set")
+    train.add_argument("--out", required=True, help="model folder or s3:// prefix (the same --out resumes a run)")
     _manifest_args(train)
     defaults, model_defaults = TrainConfig(), ModelConfig()
     train.add_argument("--weights", default=defaults.weights, help="backbone weights: imagenet, none, or a file")
     train.add_argument("--backbone", default=model_defaults.backbone)
-    train.add_argument("--epochs", type=int, default=defaults.epochs)
-    train.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    train.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
-    train.add_argument("--patience", type=int, default=defaults.patience)
-    train.add_argument("--steps-per-epoch", type=int, default=None)
+    train.add_argument("--epochs", type=_positive, default=defaults.epochs)
+    train.add_argument("--batch-size", type=_positive, default=defaults.batch_size,
+                       help="global batch: caption pairs per step over all workers (default %(default)s)")
+    train.add_argument("--learning-rate", type=_seconds, default=defaults.learning_rate,
+                       help="Adam learning rate, not scaled with the worker count (default %(default)s)")
+    train.add_argument("--patience", type=_positive, default=defaults.patience)
+    train.add_argument("--steps-per-epoch", type=_positive, default=None)
+    train.add_argument("--max-seconds", type=_seconds, default=None, help="stop after the epoch that uses this up")
     train.add_argument("--seed", type=int, default=defaults.seed)
-    train.add_argument("--cache-dir", default=None, help="feature cache (default: <out>/feature-cache)")
-    train.add_argument("--vocab-size", type=int, default=model_defaults.vocab_size)
-    train.add_argument("--max-length", type=int, default=model_defaults.max_length)
-    train.add_argument("--d-model", type=int, default=model_defaults.d_model)
-    train.add_argument("--layers", type=int, default=model_defaults.num_layers)
-    train.add_argument("--heads", type=int, default=model_defaults.num_heads)
+    train.add_argument("--shuffle-buffer", type=_positive, default=defaults.shuffle_buffer,
+                       help="caption pairs mixed per worker (about 56 KiB each; default %(default)s)")
+    train.add_argument("--checkpoint-every", type=_positive, default=None, metavar="STEPS",
+                       help="also checkpoint every this many steps (default: at each epoch end only)")
+    train.add_argument("--cache-dir", default=None, help="where features of manifests go (default: <out>/features)")
+    train.add_argument("--vocab-size", type=_positive, default=model_defaults.vocab_size)
+    train.add_argument("--max-length", type=_positive, default=model_defaults.max_length)
+    train.add_argument("--d-model", type=_positive, default=model_defaults.d_model)
+    train.add_argument("--layers", type=_positive, default=model_defaults.num_layers)
+    train.add_argument("--heads", type=_positive, default=model_defaults.num_heads)
     train.add_argument("--dropout", type=float, default=model_defaults.dropout)
+    train.add_argument("--workers", type=int, default=0,
+                       help="Ray Train workers (0: train in this process, the default)")
+    train.add_argument("--gpus-per-worker", type=_non_negative, default=0.0)
+    train.add_argument("--cpus-per-worker", type=_non_negative, default=1.0)
+    train.add_argument("--max-failures", type=int, default=2, help="worker failures a Ray run recovers from")
+    train.add_argument("--keep-checkpoints", type=_positive, default=2,
+                       help="Ray checkpoints kept, the lowest val_loss first (default 2)")
+    train.add_argument("--address", default=None, help="Ray cluster address (default: local Ray in-process)")
     train.add_argument("--no-progress", action="store_true")
     _network_args(train)
+
+    features = commands.add_parser("features", help="backbone features of a manifest into committed shards, on Ray")
+    features.add_argument("--manifest", required=True, help="CSV/TSV/JSONL/Parquet or Conceptual Captions TSV (local/S3)")
+    features.add_argument("--out", "--output", dest="output", required=True, help="output folder or s3:// prefix")
+    _manifest_args(features)
+    features.add_argument("--weights", default=defaults.weights, help="backbone weights: imagenet, none, or a file")
+    features.add_argument("--backbone", default=model_defaults.backbone)
+    features.add_argument("--seed", type=int, default=0, help="seed of a --weights none backbone")
+    features.add_argument("--shard-size", type=_positive, default=256, help="rows per committed shard")
+    features.add_argument("--batch-size", type=_positive, default=64, help="images per backbone call")
+    features.add_argument("--actors", type=_positive, default=1, help="backbone actors (each loads it once)")
+    features.add_argument("--num-gpus", type=_non_negative, default=0.0, help="GPUs per backbone actor")
+    features.add_argument("--actor-cpus", type=_non_negative, default=1.0, help="CPUs Ray reserves per actor")
+    features.add_argument("--fetch-threads", type=_positive, default=32, help="concurrent reads per fetch task")
+    features.add_argument("--allow-local-files", action="store_true",
+                          help="read local paths from a manifest on S3 (a local manifest's own files are read anyway)")
+    features.add_argument("--allow-s3-sources", action="store_true",
+                          help="read s3:// rows from a local manifest (a manifest on S3 reads its own bucket anyway)")
+    features.add_argument("--max-pixels", type=_positive, default=BULK_IMAGE.max_pixels)
+    features.add_argument("--decode-memory", type=_positive, default=512, metavar="MIB")
+    features.add_argument("--address", default=None, help="Ray cluster address (default: local Ray in-process)")
+    features.add_argument("--no-progress", action="store_true")
+    _network_args(features)
 
     caption = commands.add_parser("caption", help="caption images or URLs with a model directory")
     caption.add_argument("model")
@@ -263,24 +301,54 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """captioning train."""
-    from captioning.manifest import read_manifest  # noqa: PLC0415
-    from captioning.train import train  # noqa: PLC0415
-
+    """captioning train: in this process, or on Ray Train with --workers."""
     model = ModelConfig(vocab_size=args.vocab_size, max_length=args.max_length, d_model=args.d_model,
                         num_layers=args.layers, num_heads=args.heads, dropout=args.dropout, backbone=args.backbone)
     if args.d_model % args.heads:
         raise CaptioningError("--d-model", f"{args.d_model} is not divisible by --heads {args.heads}")
+    if args.workers < 0:
+        raise CaptioningError("--workers", f"expected 0 (this process) or more, got {args.workers}")
     storage = _storage(args)
     config = TrainConfig(model=model, weights=args.weights, epochs=args.epochs, batch_size=args.batch_size,
                          learning_rate=args.learning_rate, patience=args.patience, seed=args.seed,
-                         cache_dir=args.cache_dir, steps_per_epoch=args.steps_per_epoch, fetch=_fetch_config(args),
-                         storage=storage.config)
+                         shuffle_buffer=args.shuffle_buffer, checkpoint_every=args.checkpoint_every,
+                         max_seconds=args.max_seconds, cache_dir=args.cache_dir, steps_per_epoch=args.steps_per_epoch,
+                         fetch=_fetch_config(args), storage=storage.config)
     spec = _manifest_spec(args)
-    result = train(read_manifest(args.train, spec, storage), read_manifest(args.val, spec, storage), args.out, config,
-                   progress=not args.no_progress, log=_log)
-    _log(f"model {result.version} written to {result.bundle} (best epoch {result.best_epoch})")
+    if args.workers:
+        from jobs.train import Scaling, run  # noqa: PLC0415
+
+        scaling = Scaling(args.workers, args.gpus_per_worker, args.cpus_per_worker, args.max_failures,
+                          args.keep_checkpoints)
+        result = run(args.train, args.val, args.out, config, scaling, spec, args.address, log=_log,
+                     progress=not args.no_progress)
+        _log(f"model {result['version']} written to {args.out} (best epoch {result['best_epoch']}, "
+             f"{result['restores']} restore(s))")
+        return 0
+    from captioning.train import train  # noqa: PLC0415
+
+    done = train(args.train, args.val, args.out, config, spec, progress=not args.no_progress, log=_log)
+    _log(f"model {done.version} written to {done.bundle} (best epoch {done.best_epoch})")
     return 0
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    """captioning features: dispatches to the Ray Data job."""
+    from dataclasses import replace  # noqa: PLC0415
+
+    from captioning.featureset import FeaturesConfig  # noqa: PLC0415
+    from jobs.features import run  # noqa: PLC0415
+
+    config = FeaturesConfig.reading_own_kind(
+        args.manifest, args.output, spec=_manifest_spec(args), backbone=args.backbone, weights=args.weights,
+        seed=args.seed, shard_size=args.shard_size, batch_size=args.batch_size, actors=args.actors,
+        actor_cpus=args.actor_cpus, num_gpus=args.num_gpus, fetch_threads=args.fetch_threads,
+        allow_local_files=args.allow_local_files, allow_s3_sources=args.allow_s3_sources,
+        decode_memory=args.decode_memory * 1024 * 1024, fetch=_fetch_config(args),
+        image=replace(BULK_IMAGE, max_pixels=args.max_pixels, max_decode_bytes=args.max_pixels * 8),
+        storage=_storage(args).config)
+    run(config, address=args.address, log=_log, progress=not args.no_progress)
+    return 0  # every row is committed; failed rows are recorded with their status, not a failed job
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
@@ -402,7 +470,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"data": cmd_data, "train": cmd_train, "caption": cmd_caption, "evaluate": cmd_evaluate,
+COMMANDS = {"data": cmd_data, "train": cmd_train, "features": cmd_features, "caption": cmd_caption, "evaluate": cmd_evaluate,
             "batch": cmd_batch, "storage": cmd_storage, "demo": cmd_demo}
 
 if __name__ == "__main__":

@@ -89,13 +89,14 @@ class TrainConfig:
     learning_rate: float = 1e-4
     patience: int = 5
     seed: int = 0
-    shuffle_buffer: int = 4096
-    cache_dir: str | None = None  # feature cache; default <out>/feature-cache
+    shuffle_buffer: int = 2048  # caption pairs mixed per worker; each holds its image's 56 KiB of features
+    cache_dir: str | None = None  # where features of manifests are made; default <out>/features
     image: ImageConfig = field(default_factory=ImageConfig)
     fetch: FetchConfig = field(default_factory=FetchConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     steps_per_epoch: int | None = None  # cap, for quick runs
     max_seconds: float | None = None  # wall-clock budget for the epochs; checked after each epoch
+    checkpoint_every: int | None = None  # also checkpoint every this many steps within an epoch
     sample_every_epoch: bool = True
 
 

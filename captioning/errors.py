@@ -18,6 +18,9 @@ class CaptioningError(Exception):
         self.message = message
         self.reason = reason
 
+    def __reduce__(self):  # noqa: ANN204  (Ray ships errors between processes by pickling them)
+        return type(self), (self.source, self.message, self.reason)
+
 
 class ManifestError(CaptioningError):
     """A manifest file, or one of its rows, cannot be read."""

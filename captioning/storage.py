@@ -78,8 +78,7 @@ class Storage:
             import boto3  # noqa: PLC0415
             from botocore.config import Config  # noqa: PLC0415
 
-            endpoint = self.config.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
-                "AWS_ENDPOINT_URL")
+            endpoint = self.endpoint
             path_style = self.config.path_style if self.config.path_style is not None else bool(endpoint)
             self._client = boto3.client(
                 "s3", endpoint_url=endpoint, region_name=self.config.region or os.environ.get("AWS_REGION")
@@ -88,6 +87,26 @@ class Storage:
                               s3={"addressing_style": "path" if path_style else "auto"}),
             )
         return self._client
+
+    @property
+    def endpoint(self) -> str | None:
+        """The S3 endpoint: the configured one, else AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, else AWS itself."""
+        return self.config.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+    def arrow_location(self, uri: str):  # noqa: ANN201  (pyarrow.fs.FileSystem, imported lazily)
+        """(path, pyarrow filesystem) for uri, with this storage's endpoint and the standard AWS credentials:
+        what Ray Train's RunConfig(storage_path, storage_filesystem) takes."""
+        import pyarrow.fs  # noqa: PLC0415
+
+        if not is_s3(uri):
+            return str(local_path(uri).resolve()), pyarrow.fs.LocalFileSystem()
+        bucket, key = split_s3(uri)
+        options = {"region": self.config.region or os.environ.get("AWS_REGION")
+                   or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
+        if self.endpoint:
+            parts = urlsplit(self.endpoint)
+            options.update(endpoint_override=parts.netloc + parts.path.rstrip("/"), scheme=parts.scheme or "https")
+        return f"{bucket}/{key}".rstrip("/"), pyarrow.fs.S3FileSystem(**options)
 
     def _transfer(self):  # noqa: ANN202
         from boto3.s3.transfer import TransferConfig  # noqa: PLC0415

@@ -64,20 +64,27 @@ class Tokenizer:
     @classmethod
     def build(cls, captions: Iterable[str], max_tokens: int, max_length: int) -> "Tokenizer":
         """Vocabulary of the max_tokens most frequent words in the training captions."""
-        counts: collections.Counter[str] = collections.Counter()
-        batch: list[str] = []
-        for caption in captions:
-            batch.append(caption)
-            if len(batch) == 4096:
-                counts.update(_words(batch))
-                batch = []
-        counts.update(_words(batch))
-        for token in RESERVED:
-            counts.pop(token, None)
+        return cls.build_counted(captions, max_tokens, max_length)[0]
+
+    @classmethod
+    def build_counted(cls, captions: Iterable[str], max_tokens: int,
+                      max_length: int) -> tuple["Tokenizer", np.ndarray]:
+        """build() plus how often each id occurs, from the same single pass over the captions.
+
+        The counts ignore truncation at max_length (they feed the output bias, a prior, not a loss).
+        """
+        counts = word_counts(captions)
+        words = {w: n for w, n in counts.items() if w not in RESERVED}
         # Ties broken alphabetically so the same captions always give the same ids.
-        ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-        words = [w for w, _ in ranked[: max(0, max_tokens - len(RESERVED))]]
-        return cls(list(RESERVED) + words, max_length)
+        ranked = sorted(words.items(), key=lambda kv: (-kv[1], kv[0]))
+        kept = [w for w, _ in ranked[: max(0, max_tokens - len(RESERVED))]]
+        tokenizer = cls(list(RESERVED) + kept, max_length)
+        ids = np.zeros(tokenizer.size, np.int64)
+        for index, word in enumerate(tokenizer.vocabulary):
+            ids[index] = counts.get(word, 0)
+        ids[tokenizer.id(UNK)] = sum(words.values()) - sum(words[w] for w in kept)
+        ids[0] = 0
+        return tokenizer, ids
 
     def encode(self, captions: tf.Tensor) -> tf.Tensor:
         """Strings (B,) -> int64 ids (B, max_length), zero padded, truncated past max_length."""
@@ -127,6 +134,19 @@ class Tokenizer:
         """Read what save() wrote."""
         data = json.loads(Path(path).read_text())
         return cls(data["vocabulary"], int(data["max_length"]))
+
+
+def word_counts(captions: Iterable[str]) -> collections.Counter[str]:
+    """Standardised words (with [START]/[END]) and how often each occurs; captions are read once, in batches."""
+    counts: collections.Counter[str] = collections.Counter()
+    batch: list[str] = []
+    for caption in captions:
+        batch.append(caption)
+        if len(batch) == 4096:
+            counts.update(_words(batch))
+            batch = []
+    counts.update(_words(batch))
+    return counts
 
 
 def _words(captions: list[str]) -> list[str]:

@@ -1,10 +1,19 @@
-"""Train a captioner: features, vocabulary and model, then the epoch loop with its hooks, then the bundle."""
+"""Train a captioner: feature sets and vocabulary once (prepare), the epoch loop with its hooks (fit), the bundle.
+
+`captioning train` runs all three in one process; Ray Train (jobs/train.py) runs prepare on the driver and fit
+on every worker, with one more hook that reports checkpoints.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import hashlib
+import itertools
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import keras
 import numpy as np
@@ -13,14 +22,15 @@ import tensorflow as tf
 from captioning.bundle import save_bundle
 from captioning.config import TrainConfig
 from captioning.errors import CaptioningError
-from captioning.features import Backbone, FeatureCache
+from captioning.featureset import FeaturesConfig, FeatureSet, extract_features, load_backbone
 from captioning.generate import GenerationConfig, Generator
-from captioning.manifest import Manifest
+from captioning.manifest import Manifest, ManifestSpec, iter_rows
 from captioning.model import BANNED, Captioner, output_bias
+from captioning.storage import Storage, cache_dir, is_s3, local_path
 from captioning.text import Tokenizer
-from captioning.training.data import batches, cache_features, steps_per_epoch
-from captioning.training.hooks import Checkpoints, EarlyStopping, History, SampleCaption, TimeBudget
-from captioning.training.loop import EpochLoop, Trainer, TrainState
+from captioning.training.data import StreamingInput
+from captioning.training.hooks import Checkpoints, EarlyStopping, History, SampleCaption, TimeBudget, write_history
+from captioning.training.loop import EpochLoop, Hook, Trainer, TrainState
 
 CHECKPOINT = "checkpoint"
 
@@ -29,86 +39,215 @@ CHECKPOINT = "checkpoint"
 class TrainResult:
     """What a training run produced."""
 
-    bundle: Path
+    bundle: str
     history: list[dict[str, float]]
     best_epoch: int
     stopped_early: bool
     version: str
+    restores: int = 0
+
+
+@dataclass
+class Prepared:
+    """What every worker needs, made once before training: the feature sets and the vocabulary with its counts."""
+
+    train: str  # feature set URIs
+    val: str
+    vocabulary: list[str]
+    max_length: int
+    token_counts: list[int]
+    train_pairs: int
+    train_images: int
+    val_pairs: int
+    storage: Any = field(default=None, repr=False)
+
+    def tokenizer(self) -> Tokenizer:
+        """The shared tokenizer."""
+        return Tokenizer(self.vocabulary, self.max_length)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict, for train_loop_config."""
+        return {k: v for k, v in self.__dict__.items() if k != "storage"}
+
+
+FEATURE_SHARD_SIZE = 256  # rows per feature shard made from a manifest (about 14 MiB of float16 features)
+SHOWN_FAILURES = 20  # failed rows named one by one in the log; the rest are counted
+
+
+MakeFeatures = Callable[[FeaturesConfig, Any], Any]  # (config, backbone) -> runs a features job to completion
+
+
+def feature_set_for(source: str | Path | Manifest, split: str, config: TrainConfig, spec: ManifestSpec, root: str,
+                    make: MakeFeatures, log: Callable[[str], None], min_shards: int = 1) -> FeatureSet:
+    """A feature set as given, or one made in-process for a manifest (kept under root, reused while the
+    manifest's content, columns and backbone stay the same). Rows without an image are logged, not dropped."""
+    storage = Storage(config.storage)
+    source = source.source if isinstance(source, Manifest) else str(source)
+    made = FeatureSet(source, storage) if FeatureSet.is_feature_set(source, storage) else \
+        _make_feature_set(source, config, spec, root, make, min_shards)
+    failures = list(itertools.islice(made.failures(), SHOWN_FAILURES + 1))
+    for record in failures[:SHOWN_FAILURES]:
+        log(f"skipped {record['status']} row: {record['error']}")
+    failed = sum(m.rows - m.images for m in made.shards)
+    if failed > SHOWN_FAILURES:
+        log(f"... {failed - SHOWN_FAILURES} more rows without an image (each is listed in "
+            f"{made.location}/features/*.json)")
+    if not made.pairs:
+        raise CaptioningError(source, f"no usable {split} examples (every image or row failed)")
+    return made
+
+
+def _make_feature_set(source: str, config: TrainConfig, spec: ManifestSpec, root: str,
+                      make: MakeFeatures, min_shards: int) -> FeatureSet:
+    storage = Storage(config.storage)
+    if not storage.exists(source):
+        raise CaptioningError(source, "manifest not found")
+    from captioning.features import Backbone  # noqa: PLC0415
+
+    backbone = Backbone(config.model.backbone, config.weights, seed=config.seed, image_size=config.image.size)
+    shard_size = FEATURE_SHARD_SIZE
+    if min_shards > 1:  # every worker needs shards of its own, and a few to shuffle
+        rows = sum(1 for _ in iter_rows(source, spec, storage))
+        shard_size = max(1, min(FEATURE_SHARD_SIZE, rows // min_shards))
+    described = json.dumps([storage.describe(source), spec.__dict__, shard_size], sort_keys=True)
+    folder = "/".join([root.rstrip("/"), f"{backbone.name}-{backbone.fingerprint()}",
+                       hashlib.sha256(described.encode()).hexdigest()[:16]])
+    features = FeaturesConfig.reading_own_kind(
+        source, folder, spec=spec, backbone=backbone.name, weights=config.weights, seed=config.seed,
+        shard_size=shard_size, fetch=config.fetch, image=config.image, storage=config.storage)
+    make(features, backbone)
+    return FeatureSet(folder, storage)
+
+
+def prepare(train_source: str | Path | Manifest, val_source: str | Path | Manifest, config: TrainConfig,
+            spec: ManifestSpec | None = None, feature_root: str | Path | None = None,
+            make: MakeFeatures | None = None, log: Callable[[str], None] = print,
+            progress: bool = True, workers: int = 1) -> Prepared:
+    """Feature sets for both splits (made with `make`, in-process by default, when given manifests) and the
+    vocabulary, from one streaming pass over the training captions."""
+    spec = spec or ManifestSpec()
+    root = str(feature_root or config.cache_dir or cache_dir() / "features")
+    make = make or (lambda features, backbone: extract_features(features, log, progress, backbone))
+    train_set = feature_set_for(train_source, "training", config, spec, root, make, log, 4 * workers)
+    val_set = feature_set_for(val_source, "validation", config, spec, root, make, log)
+    if train_set.backbone["fingerprint"] != val_set.backbone["fingerprint"]:
+        raise CaptioningError(val_set.location, "was made with another backbone than the training features")
+    log(f"training on {train_set.pairs} captions of {train_set.images} images ({len(train_set.shards)} shards), "
+        f"validating on {val_set.pairs} captions of {val_set.images} images")
+    tokenizer, counts = Tokenizer.build_counted(train_set.captions(), config.model.vocab_size, config.model.max_length)
+    return Prepared(train_set.location, val_set.location, tokenizer.vocabulary, tokenizer.max_length,
+                    counts.tolist(), train_set.pairs, train_set.images, val_set.pairs, Storage(config.storage))
+
+
+def fit(prepared: Prepared, config: TrainConfig, checkpoint: Path, out: Path | None,
+        strategy: tf.distribute.Strategy | None = None, pipelines: int = 1, rank: int = 0,
+        extra_hooks: Sequence[Hook] = (), checkpoints: type[Checkpoints] = Checkpoints,
+        log: Callable[[str], None] = print, progress: bool = True) -> tuple[Captioner, TrainState]:
+    """The epoch loop on this worker, from the checkpoint folder if it holds one; rank 0 writes checkpoints
+    and (when out is set) the history and curves there. Returns the model with its best weights."""
+    strategy = strategy or tf.distribute.get_strategy()
+    keras.utils.set_random_seed(config.seed)
+    storage = prepared.storage or Storage(config.storage)
+    train_set, val_set = FeatureSet(prepared.train, storage), FeatureSet(prepared.val, storage)
+    tokenizer = prepared.tokenizer()
+    model_config = replace(config.model, vocab_size=tokenizer.size)
+    with strategy.scope():
+        bias = output_bias(np.asarray(prepared.token_counts), [tokenizer.id(t) for t in BANNED])
+        model = Captioner(model_config, tokenizer, bias)
+        model.build_for(train_set.channels)
+    trainer = Trainer(model, config, strategy)
+    writer = rank == 0
+    early = EarlyStopping(model, config.patience, log)
+    saver = checkpoints(checkpoint, trainer, early, writer=writer, every_steps=config.checkpoint_every)
+    state = TrainState()
+    if saver.exists():
+        state = saver.restore()
+        state.restores += 1
+        log(f"resuming from the checkpoint after epoch {state.epoch}"
+            + (f", step {state.step}" if state.step else ""))
+
+    train_input = StreamingInput(train_set, tokenizer, config.batch_size, pipelines, True, config.seed,
+                                 config.shuffle_buffer)
+    val_input = StreamingInput(val_set, tokenizer, config.batch_size, pipelines, False)
+    train_input.epoch = state.epoch  # the resumed epoch replays the very same order
+    steps = min(train_input.steps, config.steps_per_epoch or train_input.steps)
+    if writer:
+        log(f"global batch {config.batch_size} ({config.batch_size // pipelines} per worker x {pipelines}), "
+            f"learning rate {config.learning_rate:g}, {steps} steps per epoch")
+
+    hooks: list[Hook] = [early]
+    if config.sample_every_epoch and writer:
+        record, features = val_set.first_image()
+        sampler = Generator(model, GenerationConfig(attention=False))
+        hooks.append(SampleCaption(lambda: sampler(features[np.newaxis].astype(np.float32)).captions[0],
+                                   Path(str(record["image"])).name, log))
+    # Order matters: early stopping decides what is best before the checkpoint records it.
+    hooks += [saver, *([History(out)] if out is not None and writer else []),
+              TimeBudget(config.max_seconds, trainer.agree), *extra_hooks]
+    state = EpochLoop(trainer, config.epochs, hooks, log, progress).run(
+        trainer.distribute(train_input), trainer.distribute(val_input), steps, val_input.steps, state,
+        examples_per_step=config.batch_size)
+    return model, state
+
+
+def bundle_metrics(prepared: Prepared, state: TrainState) -> dict[str, Any]:
+    """What the bundle records of the run: the best epoch's metrics and the data size."""
+    best = state.history[state.best_epoch - 1]
+    return {"best_epoch": state.best_epoch, **{k: v for k, v in best.items() if k != "epoch"},
+            "train_images": prepared.train_images, "train_captions": prepared.train_pairs,
+            "restores": state.restores}
+
+
+def publish(local: Path, out: str, storage: Storage) -> None:
+    """Copy a finished model folder to out: an S3 prefix (bundle.json last, so it marks completeness) or a path."""
+    if is_s3(out):
+        files = sorted(p for p in local.rglob("*") if p.is_file() and p.name != "bundle.json")
+        for path in files:
+            storage.upload_file(path, f"{out.rstrip('/')}/{path.relative_to(local).as_posix()}")
+        storage.upload_file(local / "bundle.json", f"{out.rstrip('/')}/bundle.json")
+    elif local.resolve() != local_path(out).resolve():
+        shutil.copytree(local, local_path(out), dirs_exist_ok=True)
+
+
+def staging_dir(out: str) -> Path:
+    """Where a run whose --out is on S3 keeps its checkpoint and bundle before the upload (same machine: it
+    resumes)."""
+    return cache_dir() / "train-staging" / hashlib.sha1(out.encode()).hexdigest()[:16]
 
 
 def train(
-    train_manifest: Manifest,
-    val_manifest: Manifest,
+    train_source: str | Path | Manifest,
+    val_source: str | Path | Manifest,
     out: str | Path,
     config: TrainConfig,
+    spec: ManifestSpec | None = None,
     strategy: tf.distribute.Strategy | None = None,
-    shard: tuple[int, int] = (0, 1),
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
-    """Train a captioner and write its bundle to out (resuming from out/checkpoint if present)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    """Train in this process and write the bundle to out, a folder or s3:// prefix (resuming when it holds a
+    checkpoint). Sources are manifests (features are made here first) or feature sets."""
+    out = str(out)
+    local = staging_dir(out) if is_s3(out) else local_path(out)
+    local.mkdir(parents=True, exist_ok=True)
+    feature_root = config.cache_dir or str(local / "features")
+    prepared = prepare(train_source, val_source, config, spec, feature_root, log=log, progress=progress)
     strategy = strategy or tf.distribute.get_strategy()
-    keras.utils.set_random_seed(config.seed)
-    checkpoint = out / CHECKPOINT
-    backbone_weights = config.weights
-    if (checkpoint / "backbone.weights.h5").exists():
-        backbone_weights = str(checkpoint / "backbone.weights.h5")  # resume on the very same features
-    backbone = Backbone(config.model.backbone, backbone_weights, seed=config.seed)
-    backbone.weights_source = config.weights
-    cache = FeatureCache(config.cache_dir or out / "feature-cache", backbone)
-    train_pairs = cache_features(train_manifest, cache, config, log)
-    val_pairs = cache_features(val_manifest, cache, config, log)
-    if not len(train_pairs):
-        raise CaptioningError(train_manifest.source, "no usable training examples (every image or row failed)")
-    if not len(val_pairs):
-        raise CaptioningError(val_manifest.source, "no usable validation examples")
-    log(f"training on {len(train_pairs)} captions of {len(train_pairs.first_key)} images, "
-        f"validating on {len(val_pairs)} captions of {len(val_pairs.first_key)} images")
-
-    vocab_file = checkpoint / "vocabulary.json"
-    if vocab_file.exists():
-        tokenizer = Tokenizer.load(vocab_file)
+    model, state = fit(prepared, config, local / CHECKPOINT, local, strategy, log=log, progress=progress)
+    if is_s3(out):
+        version = write_model(prepared, model, state, out)
     else:
-        tokenizer = Tokenizer.build(train_pairs.captions, config.model.vocab_size, config.model.max_length)
-    model_config = replace(config.model, vocab_size=tokenizer.size)
-    with strategy.scope():
-        bias = output_bias(tokenizer.token_counts(train_pairs.captions), [tokenizer.id(t) for t in BANNED])
-        model = Captioner(model_config, tokenizer, bias)
-        model.build_for(backbone.channels)
-    trainer = Trainer(model, config, strategy)
+        version = save_bundle(local, model, load_backbone(prepared.train, prepared.storage),
+                              bundle_metrics(prepared, state))
+    return TrainResult(out, state.history, state.best_epoch, state.stopped_early, version, state.restores)
 
-    early = EarlyStopping(model, config.patience, log)
-    checkpoints = Checkpoints(checkpoint, trainer, early, writer=shard[0] == 0)
-    if checkpoints.exists():
-        state = checkpoints.restore()
-        log(f"resuming from {checkpoint} after epoch {state.epoch}")
-    else:
-        state = TrainState()
-        checkpoint.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(vocab_file)
-        backbone.save(checkpoint / "backbone.weights.h5")
 
-    steps = steps_per_epoch(len(train_pairs), config.batch_size, shard[1], train=True)
-    if config.steps_per_epoch:
-        steps = min(steps, config.steps_per_epoch)
-    val_steps = steps_per_epoch(len(val_pairs), config.batch_size, shard[1], train=False)
-    train_data = batches(train_pairs, cache, tokenizer, config.batch_size, steps, config.seed, shard)
-    val_data = batches(val_pairs, cache, tokenizer, config.batch_size, val_steps, None, shard)
-
-    sampler = Generator(model, GenerationConfig(attention=False))
-    sample_key = next(iter(val_pairs.first_key))
-    sample = SampleCaption(lambda: sampler(cache.get(sample_key)[np.newaxis].astype(np.float32)).captions[0],
-                           Path(val_pairs.first_key[sample_key].image).name, log)
-    # Order matters: early stopping decides what is best before the checkpoint records it.
-    hooks = [early, checkpoints, History(out, writer=shard[0] == 0), TimeBudget(config.max_seconds)]
-    if config.sample_every_epoch:
-        hooks.insert(1, sample)
-    state = EpochLoop(trainer, config.epochs, hooks, log, progress).run(train_data, val_data, steps, val_steps, state)
-
-    best = state.history[state.best_epoch - 1]
-    metrics = {"best_epoch": state.best_epoch, **{k: v for k, v in best.items() if k != "epoch"},
-               "train_images": len(train_pairs.first_key), "train_captions": len(train_pairs)}
-    version = save_bundle(out, model, backbone, metrics)
-    return TrainResult(out, state.history, state.best_epoch, state.stopped_early, version)
+def write_model(prepared: Prepared, model: Captioner, state: TrainState, out: str) -> str:
+    """Bundle, history and curves of a finished run, written to out (folder or s3://); returns the version."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        write_history(folder, state.history)
+        version = save_bundle(folder, model, load_backbone(prepared.train, prepared.storage),
+                              bundle_metrics(prepared, state))
+        publish(folder, out, prepared.storage or Storage())
+    return version

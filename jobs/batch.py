@@ -10,13 +10,14 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from captioning.bulk import BulkConfig, CaptionShard, fetch_shard, plan_shards, uri, write_shard
+from captioning.bulk import BulkConfig, CaptionShard, check_ranges, fetch_shard, plan_shards, uri, write_shard
 from captioning.errors import CaptioningError
+from captioning.featureset import FeaturesConfig
 from captioning.lease import Lease
 from captioning.stage_timings import stage_report
 from captioning.storage import Storage
+from jobs.ray_setup import TASK_CPUS, connect
 
-TASK_CPUS = 0.25  # fetch and write tasks mostly wait on the network and storage
 
 
 def run(config: BulkConfig, address: str | None = None, log: Callable[[str], None] = print,
@@ -41,11 +42,7 @@ def _run(config: BulkConfig, storage: Storage, address: str | None, log: Callabl
         + (" (retrying transient failures)" if config.retry_failed else ""))
     fresh = Counter()
     if todo:
-        if not ray.is_initialized():
-            # Local Ray in-process by default; workers inherit this environment (AWS settings included).
-            # No address: a fresh local instance, never whatever cluster this machine last started.
-            ray.init(address=address or "local", include_dashboard=bool(address), logging_level="ERROR",
-                     log_to_driver=False, configure_logging=False)
+        connect(address)
         check_cpus(config, ray.cluster_resources().get("CPU", 0.0), fixed=address is None, log=log)
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # one bar of our own, with rows and images/s
@@ -80,7 +77,7 @@ def _run(config: BulkConfig, storage: Storage, address: str | None, log: Callabl
     return summary
 
 
-def check_cpus(config: BulkConfig, cpus: float, fixed: bool, log: Callable[[str], None]) -> None:
+def check_cpus(config: BulkConfig | FeaturesConfig, cpus: float, fixed: bool, log: Callable[[str], None]) -> None:
     """Refuse (local Ray) or warn (a cluster may scale up) when the actors would leave no CPU for the tasks."""
     needed = config.actors * config.actor_cpus + 2 * TASK_CPUS  # at least one fetch and one write task
     if needed <= cpus:
@@ -91,27 +88,6 @@ def check_cpus(config: BulkConfig, cpus: float, fixed: bool, log: Callable[[str]
     if fixed:
         raise CaptioningError("--actors/--actor-cpus", message)
     log(f"warning: {message} (unless the cluster scales up)")
-
-
-def check_ranges(config: BulkConfig, markers: list[dict], total_rows: int, shards_total: int) -> None:
-    """Every shard committed once, holding exactly its manifest rows: ranges, not only counts."""
-    by_shard = {m["shard"]: m for m in markers}
-    missing, wrong = [], []
-    for shard in range(shards_total):
-        first = shard * config.shard_size
-        last = min(first + config.shard_size, total_rows) - 1
-        marker = by_shard.get(shard)
-        if marker is None:
-            missing.append(shard)
-        elif (marker.get("first_row"), marker.get("last_row"), marker["rows"]) != (first, last, last - first + 1):
-            wrong.append(shard)
-    wrong += sorted(shard for shard in by_shard if shard >= shards_total)
-    if wrong:
-        raise CaptioningError(config.output, f"shard(s) {', '.join(map(str, wrong[:5]))} hold other rows than the "
-                              "manifest now gives them; pass a new --output to start over")
-    if missing:
-        raise CaptioningError(config.output, f"{shards_total - len(missing)}/{shards_total} shards committed; rerun "
-                              "the same command to finish")
 
 
 def summarise(config: BulkConfig, storage: Storage, total_rows: int, shards_total: int, processed: int,

@@ -169,3 +169,18 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if item.get_closest_marker("ray"):
             item.add_marker(pytest.mark.xdist_group("ray"))
+
+
+@pytest.fixture(scope="session")
+def feature_sets(synthetic_data, tmp_path_factory) -> dict[str, str]:
+    """Feature sets of the synthetic train (10 shards) and val (2 shards) splits, made in-process once."""
+    from captioning.featureset import FeaturesConfig, extract_features
+
+    root = tmp_path_factory.mktemp("feature-sets")
+    sets = {}
+    for split in ("train", "val"):
+        config = FeaturesConfig.reading_own_kind(str(synthetic_data[split]), str(root / split), weights="none",
+                                                 seed=1, shard_size=24)
+        extract_features(config, log=lambda _: None, progress=False)
+        sets[split] = str(root / split)
+    return sets

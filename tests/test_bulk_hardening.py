@@ -262,7 +262,7 @@ def test_changed_reruns_are_refused_before_any_work(ray_session, trained_bundle,
 
 
 def test_markers_are_checked_by_range_not_only_by_count(tmp_path):
-    from jobs.batch import check_ranges
+    from captioning.bulk import check_ranges
 
     config = BulkConfig("m", "b", str(tmp_path), shard_size=4)
     good = [{"shard": 0, "first_row": 0, "last_row": 3, "rows": 4}, {"shard": 1, "first_row": 4, "last_row": 5, "rows": 2}]

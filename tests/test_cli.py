@@ -99,23 +99,17 @@ def test_data_commands_have_no_s3_endpoint_they_would_ignore(capsys):
 def test_train_honours_s3_endpoint(tmp_path, monkeypatch):
     seen = {}
 
-    def fake_read(path, spec, storage=None):
-        seen.setdefault("storages", []).append(storage.config.s3_endpoint)
-        from captioning.manifest import Manifest
-
-        return Manifest(str(path))
-
-    def fake_train(train, val, out, config, **kwargs):
-        seen["config"] = config
+    def fake_train(train, val, out, config, spec, **kwargs):
+        seen["args"], seen["config"] = (train, val, out), config
         raise SystemExit(0)
 
-    monkeypatch.setattr("captioning.manifest.read_manifest", fake_read)
     monkeypatch.setattr("captioning.train.train", fake_train)
     with pytest.raises(SystemExit):
-        main(["train", "--train", "s3://b/t.csv", "--val", "s3://b/v.csv", "--out", str(tmp_path), "--weights", "none",
+        main(["train", "--train", "s3://b/t.csv", "--val", "s3://b/v.csv", "--out", "s3://b/m", "--weights", "none",
               "--s3-endpoint", "http://127.0.0.1:9"])
-    assert seen["storages"] == ["http://127.0.0.1:9"] * 2
-    assert seen["config"].storage.s3_endpoint == "http://127.0.0.1:9"  # images are read with it too
+    assert seen["args"] == ("s3://b/t.csv", "s3://b/v.csv", "s3://b/m")  # URIs go down as given, never as paths
+    # Manifests, images, features and the bundle are all read and written with it.
+    assert seen["config"].storage.s3_endpoint == "http://127.0.0.1:9"
 
 
 def test_offline_imagenet_weights_are_one_line_with_the_way_out(synthetic_data, tmp_path, capsys, monkeypatch):

@@ -29,8 +29,8 @@ def scripted_validation(monkeypatch, losses):
     """Real training, but validation reports these losses: the control flow under test, not the dynamics."""
     real, script, snapshots = Trainer.run_epoch, iter(losses), []
 
-    def run_epoch(self, data, train, steps, desc, progress):
-        metrics = real(self, data, train, steps, desc, progress)
+    def run_epoch(self, data, train, steps, desc, progress, **kw):
+        metrics = real(self, data, train, steps, desc, progress, **kw)
         if train:
             return metrics
         snapshots.append([w.copy() for w in self.model.get_weights()])

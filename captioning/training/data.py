@@ -1,128 +1,137 @@
-"""Training data: image features from the cache, caption pairs, and tf.data batches with equal steps per worker."""
+"""Training input: a feature set streamed shard by shard, each worker its own shards, equal steps for all.
+
+Nothing here holds a whole split: a pipeline reads one shard at a time (memory-mapped when local) and mixes
+pairs in a bounded shuffle buffer, the WebDataset/tf.data way, so memory does not grow with the shard count.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import math
-import os
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import tensorflow as tf
 
-from captioning.config import TrainConfig
 from captioning.errors import CaptioningError
-from captioning.features import FeatureCache
-from captioning.fetch import Fetcher, is_url
-from captioning.images import load_image
-from captioning.manifest import Example, Manifest
-from captioning.storage import Storage
+from captioning.featureset import FeatureSet, ShardInfo
 from captioning.text import Tokenizer
 
-
-def feature_key(source: str) -> str:
-    """Cache key: URL, or path plus size and mtime, so a rewritten file is recomputed."""
-    if is_url(source):
-        ident = source
-    else:
-        try:
-            stat = os.stat(source)
-            ident = f"{os.path.abspath(source)}|{stat.st_size}|{stat.st_mtime_ns}"
-        except OSError:
-            ident = os.path.abspath(source)
-    return hashlib.sha1(ident.encode()).hexdigest()
+Pair = tuple[np.ndarray, str]  # features (49, C) float16, one caption
 
 
-@dataclass
-class CaptionPairs:
-    """(feature key, caption) pairs of the examples whose images loaded; one per caption."""
-
-    keys: list[str]
-    captions: list[str]
-    first_key: dict[str, Example]  # key -> example, for sample captions and reports
-
-    def __len__(self) -> int:
-        return len(self.keys)
+def split_shards(shards: list[ShardInfo], pipelines: int) -> list[list[ShardInfo]]:
+    """Shards per input pipeline (worker): every shard read by exactly one, so no pair twice per epoch."""
+    return [shards[index::pipelines] for index in range(pipelines)]
 
 
-def cache_features(
-    manifest: Manifest, cache: FeatureCache, config: TrainConfig, log: Callable[[str], None]
-) -> CaptionPairs:
-    """Compute missing features; every image that fails is reported by name and left out of the pairs."""
-    fetcher, storage = Fetcher(config.fetch), Storage(config.storage)
-    items = [(feature_key(ex.image), ex.image) for ex in manifest.examples]
-    errors = cache.fill(items, lambda src: load_image(src, config.image, fetcher, storage))
-    for err in errors.values():
-        log(f"skipped image {err}")
-    for err in manifest.errors:
-        log(f"skipped row {err}")
-    keys, captions, examples = [], [], {}
-    for ex in manifest.examples:
-        key = feature_key(ex.image)
-        if key in cache:
-            examples[key] = ex
-            for caption in ex.captions:
-                keys.append(key)
-                captions.append(caption)
-    return CaptionPairs(keys, captions, examples)
-
-
-def steps_per_epoch(pairs: int, batch_size: int, workers: int, train: bool) -> int:
+def steps_per_epoch(pairs_per_pipeline: list[int], per_pipeline_batch: int, train: bool) -> int:
     """Steps every worker runs: the same number on each, or collectives across workers hang.
 
-    Training drops the remainder (each epoch reshuffles, so no pair is left out for good); validation pads
-    the last batch with masked rows, so every pair counts exactly once.
+    Training stops at the smallest worker's last full batch (each epoch reshuffles the shard order, so no
+    pair is left out for good); validation runs to the largest worker's last batch, padding with masked rows,
+    so every validation pair counts exactly once.
     """
-    per_step = batch_size * workers
-    steps = pairs // per_step if train else math.ceil(pairs / per_step)
+    if train:
+        steps = min(pairs // per_pipeline_batch for pairs in pairs_per_pipeline)
+    else:
+        steps = max(math.ceil(pairs / per_pipeline_batch) for pairs in pairs_per_pipeline)
     if steps < 1:
-        raise CaptioningError(f"{pairs} caption pairs", f"fewer than one batch of {batch_size} for each of "
-                              f"{workers} worker(s); use a smaller --batch-size")
+        raise CaptioningError(f"{sum(pairs_per_pipeline)} caption pairs",
+                              f"fewer than one batch of {per_pipeline_batch} for each of {len(pairs_per_pipeline)} "
+                              f"worker(s) (the smallest worker's shards hold {min(pairs_per_pipeline)}); use a "
+                              "smaller --batch-size, or more, smaller feature shards")
     return steps
 
 
-def batches(
-    pairs: CaptionPairs, cache: FeatureCache, tokenizer: Tokenizer, batch_size: int, steps: int,
-    seed: int | None, shard: tuple[int, int] = (0, 1),
-) -> tf.data.Dataset:
-    """Exactly `steps` batches of ((features, input tokens), labels) for one worker; shuffled anew each pass
-    when seed is set. Rows past the worker's pairs are padding whose labels are all 0 (masked out)."""
-    channels = cache.backbone.channels
-    index, count = shard
-    epoch = [0]
+def shuffled(items: Iterator[Pair], size: int, rng: np.random.Generator) -> Iterator[Pair]:
+    """A bounded shuffle buffer: holds at most `size` items, emits a random one as each new one arrives."""
+    buffer: list[Pair] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        pick = int(rng.integers(len(buffer)))
+        yield buffer[pick]
+        buffer[pick] = item
+    rng.shuffle(buffer)
+    yield from buffer
 
-    def generate() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        order = np.arange(len(pairs))
-        if seed is not None:
-            np.random.default_rng([seed, epoch[0]]).shuffle(order)
-            epoch[0] += 1
-        # Each worker takes its own slice, so no pair is seen twice per epoch across workers.
-        mine = order[index::count][: steps * batch_size]
-        for step in range(steps):
-            chosen = mine[step * batch_size : (step + 1) * batch_size]
-            pad = batch_size - len(chosen)
-            features = np.stack([cache.get(pairs.keys[i]) for i in chosen]).astype(np.float32) if len(chosen) \
-                else np.zeros((0, 49, channels), np.float32)
-            captions = [pairs.captions[i] for i in chosen]
-            if pad:
-                features = np.concatenate([features, np.zeros((pad, 49, channels), np.float32)])
-                captions += [""] * pad
-            real = np.arange(batch_size) < len(chosen)
-            yield features, np.array(captions, dtype=object), real
 
-    data = tf.data.Dataset.from_generator(
-        generate,
-        output_signature=(tf.TensorSpec([None, 49, channels], tf.float32), tf.TensorSpec([None], tf.string),
-                          tf.TensorSpec([None], tf.bool)),
-    )
+class StreamingInput:
+    """tf.data input for one split: call with a tf.distribute.InputContext (distribute_datasets_from_function).
 
-    @tf.autograph.experimental.do_not_convert  # no control flow; AutoGraph trips on the sibling generator
-    def to_model_inputs(features: tf.Tensor, captions: tf.Tensor, real: tf.Tensor):
-        tokens = tokenizer.encode(captions)
-        labels = tokens[:, 1:] * tf.cast(real[:, tf.newaxis], tokens.dtype)  # padding rows: all masked
-        return (features, tokens[:, :-1]), labels
+    global_batch pairs make one step across all replicas; each pipeline (worker) reads split_shards' share.
+    """
 
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-    return data.map(to_model_inputs, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2).with_options(options)
+    def __init__(self, features: FeatureSet, tokenizer: Tokenizer, global_batch: int, pipelines: int,
+                 train: bool, seed: int = 0, buffer: int = 2048) -> None:
+        if global_batch % pipelines:
+            raise CaptioningError("--batch-size", f"the global batch {global_batch} does not split evenly over "
+                                  f"{pipelines} workers")
+        if train and len(features.shards) < pipelines:  # validation pads an idle worker's batches instead
+            raise CaptioningError(features.location, f"has {len(features.shards)} shard(s) for {pipelines} workers; "
+                                  "make the features with a smaller --shard-size")
+        self.features, self.tokenizer, self.global_batch = features, tokenizer, global_batch
+        self.pipelines, self.train, self.seed, self.buffer = pipelines, train, seed, buffer
+        self.parts = split_shards(features.shards, pipelines)
+        self.pairs = [sum(s.pairs for s in part) for part in self.parts]
+        self.steps = steps_per_epoch(self.pairs, global_batch // pipelines, train)
+        self.epoch = 0  # the next epoch's number: it seeds the shard order, so a resumed run replays it exactly
+
+    def __call__(self, context: tf.distribute.InputContext) -> tf.data.Dataset:
+        """This pipeline's per-replica batches: steps x its replicas of them, each global_batch / replicas."""
+        replicas = context.num_replicas_in_sync // context.num_input_pipelines
+        per_replica = context.get_per_replica_batch_size(self.global_batch)
+        return self.dataset(context.input_pipeline_id, per_replica, self.steps * replicas)
+
+    def pairs_of(self, pipeline: int, epoch: int) -> Iterator[Pair]:
+        """Every pair of this pipeline's shards, shard order shuffled per epoch, mixed in the buffer."""
+        order = list(self.parts[pipeline])
+        rng = np.random.default_rng([self.seed, epoch, pipeline])
+        if self.train:
+            rng.shuffle(order)
+
+        def in_order() -> Iterator[Pair]:
+            for shard in order:
+                features, records = self.features.features(shard.name), self.features.records(shard.name)
+                for record in records:
+                    if record["offset"] is None:
+                        continue
+                    image = np.array(features[record["offset"]])  # a copy: the shard is released after its rows
+                    for caption in record["captions"]:
+                        yield image, caption
+
+        return shuffled(in_order(), self.buffer, rng) if self.train else in_order()
+
+    def batches(self, pipeline: int, batch: int, count: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Exactly `count` batches of (features, captions, real); rows past the pairs are masked padding."""
+        epoch = self.epoch
+        self.epoch += 1
+        pairs = self.pairs_of(pipeline, epoch)
+        channels = self.features.channels
+        for _ in range(count):
+            chosen = [pair for _, pair in zip(range(batch), pairs)]
+            features = np.zeros((batch, 49, channels), np.float16)
+            captions = [""] * batch
+            for i, (image, caption) in enumerate(chosen):
+                features[i], captions[i] = image, caption
+            yield features, np.array(captions, dtype=object), np.arange(batch) < len(chosen)
+
+    def dataset(self, pipeline: int, batch: int, count: int) -> tf.data.Dataset:
+        """The batches as a tf.data pipeline of ((features, input tokens), labels), labels 0 on padding."""
+        channels, tokenizer = self.features.channels, self.tokenizer
+        data = tf.data.Dataset.from_generator(
+            lambda: self.batches(pipeline, batch, count),
+            output_signature=(tf.TensorSpec([batch, 49, channels], tf.float16), tf.TensorSpec([batch], tf.string),
+                              tf.TensorSpec([batch], tf.bool)),
+        )
+
+        @tf.autograph.experimental.do_not_convert  # no control flow; AutoGraph trips on the sibling generator
+        def to_model_inputs(features: tf.Tensor, captions: tf.Tensor, real: tf.Tensor):
+            tokens = tokenizer.encode(captions)
+            labels = tokens[:, 1:] * tf.cast(real[:, tf.newaxis], tokens.dtype)  # padding rows: all masked
+            return (tf.cast(features, tf.float32), tokens[:, :-1]), labels
+
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        return data.map(to_model_inputs, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2).with_options(options)

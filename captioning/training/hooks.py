@@ -44,14 +44,19 @@ class EarlyStopping(Hook):
 
 
 class Checkpoints(Hook):
-    """Last weights, optimizer slots (npz, no pickle), best weights and loop state in one folder, each epoch.
+    """Last weights, optimizer slots (npz, no pickle), best weights and loop state in one folder, each epoch
+    and, with every_steps, every that many steps within one.
 
     state.json is written last: a folder without it holds no usable checkpoint. Only the writer (rank 0)
-    writes; every worker can restore.
+    writes; every worker can restore. publish() runs on every worker after each checkpoint (Ray Train reports
+    there); here it does nothing.
     """
 
-    def __init__(self, folder: Path, trainer: Trainer, early: EarlyStopping, writer: bool = True) -> None:
+    def __init__(self, folder: Path, trainer: Trainer, early: EarlyStopping, writer: bool = True,
+                 every_steps: int | None = None) -> None:
         self.folder, self.trainer, self.early, self.writer = Path(folder), trainer, early, writer
+        self.every_steps = every_steps
+        self.last: dict[str, float] = {}  # the last epoch's metrics, reported again with mid-epoch checkpoints
 
     def exists(self) -> bool:
         """Whether the folder holds a complete checkpoint."""
@@ -67,13 +72,28 @@ class Checkpoints(Hook):
         with np.load(self.folder / "optimizer.npz", allow_pickle=False) as saved:
             for i, variable in enumerate(self.trainer.optimizer.variables):
                 variable.assign(saved[f"arr_{i}"])
-        return TrainState.from_dict(json.loads((self.folder / "state.json").read_text()))
+        state = TrainState.from_dict(json.loads((self.folder / "state.json").read_text()))
+        if state.history:
+            self.last = state.history[-1]
+        return state
+
+    def on_step_end(self, state: TrainState) -> None:
+        if self.every_steps and state.step % self.every_steps == 0:
+            self.save(state)
+            self.publish(state, {**self.last, "epoch": state.epoch, "step": state.step})
 
     def on_epoch_end(self, state: TrainState, row: dict[str, float]) -> None:
+        self.last = row
+        self.save(state)
+        self.publish(state, {**row, "step": 0})
+
+    def save(self, state: TrainState) -> None:
+        """Write the checkpoint (the writer only); the best weights only when this epoch is the best."""
         if not self.writer:
             return
+        self.folder.mkdir(parents=True, exist_ok=True)
         model = self.trainer.model
-        if state.best_epoch == state.epoch:
+        if state.best_epoch == state.epoch and state.step == 0:
             with atomic_path(self.folder / "best.weights.h5") as tmp:
                 model.save_weights(str(tmp))
         with atomic_path(self.folder / "last.weights.h5") as tmp:
@@ -81,6 +101,9 @@ class Checkpoints(Hook):
         with atomic_path(self.folder / "optimizer.npz") as tmp, open(tmp, "wb") as handle:
             np.savez(handle, *[v.numpy() for v in self.trainer.optimizer.variables])
         atomic_write(self.folder / "state.json", json.dumps({**state.to_dict(), "stop": None}).encode())
+
+    def publish(self, state: TrainState, metrics: dict[str, float]) -> None:
+        """After each checkpoint, on every worker: nothing here (Ray Train reports it)."""
 
 
 class History(Hook):
@@ -105,17 +128,22 @@ class SampleCaption(Hook):
 
 
 class TimeBudget(Hook):
-    """Ends the run after the epoch during which the wall-clock budget ran out."""
+    """Ends the run after the epoch during which the wall-clock budget ran out.
 
-    def __init__(self, seconds: float | None) -> None:
-        self.seconds = seconds
+    Each worker reads its own clock; agree() shares the verdict, so every worker stops at the same epoch.
+    """
+
+    def __init__(self, seconds: float | None, agree: Callable[[bool], bool] = bool) -> None:
+        self.seconds, self.agree = seconds, agree
         self.started = time.monotonic()
 
     def on_train_begin(self, state: TrainState) -> None:
         self.started = time.monotonic()
 
     def on_epoch_end(self, state: TrainState, row: dict[str, float]) -> None:
-        if self.seconds is not None and not state.stop and time.monotonic() - self.started > self.seconds:
+        if self.seconds is None or state.stop:
+            return
+        if self.agree(time.monotonic() - self.started > self.seconds):
             state.stop = f"time budget of {self.seconds:.0f} s used up after epoch {state.epoch}"
 
 

@@ -59,20 +59,42 @@ class Trainer:
         (features, tokens), labels = batch
         return masked_loss(labels, self.model((features, tokens), training=False))
 
-    def run_epoch(self, data: tf.data.Dataset, train: bool, steps: int | None, desc: str, progress: bool) -> dict:
-        """One pass; returns mean masked loss and accuracy, and how many label tokens they cover."""
+    def distribute(self, input_fn: Callable[[tf.distribute.InputContext], tf.data.Dataset]):  # noqa: ANN201
+        """A distributed dataset: input_fn builds each input pipeline's per-replica batches."""
+        return self.strategy.distribute_datasets_from_function(input_fn)
+
+    def agree(self, flag: bool) -> bool:
+        """True on every worker when any worker says so: decisions from local clocks must be shared."""
+        if self.strategy.num_replicas_in_sync == 1:
+            return flag
+        value = self.strategy.run(lambda: tf.constant(float(flag)))
+        return bool(self.strategy.reduce(tf.distribute.ReduceOp.MAX, value, axis=None).numpy() > 0)
+
+    def run_epoch(self, data, train: bool, steps: int, desc: str, progress: bool, skip: int = 0,
+                  on_step: Callable[[int], None] | None = None) -> dict:
+        """One pass over a distributed dataset; the first `skip` batches are read but not trained on (a resume
+        mid-epoch). Returns mean masked loss and accuracy, how many label tokens they cover, and the seconds
+        spent waiting for input."""
         step_fn = self._train_step if train else self._eval_step
         totals = np.zeros(3)
-        bar = tqdm(total=steps, desc=desc, unit="batch", disable=not progress, leave=False, file=sys.stderr)
-        for i, batch in enumerate(self.strategy.experimental_distribute_dataset(data)):
-            if steps is not None and i >= steps:
-                break
+        waited = 0.0
+        bar = tqdm(total=steps, initial=skip, desc=desc, unit="batch", disable=not progress, leave=False,
+                   file=sys.stderr)
+        batches = iter(data)
+        for i in range(steps):
+            began = time.perf_counter()
+            batch = next(batches)
+            waited += time.perf_counter() - began
+            if i < skip:
+                continue
             totals += np.array([float(v) for v in step_fn(batch)])
             bar.update(1)
             bar.set_postfix(loss=f"{totals[0] / max(totals[1], 1):.3f}", acc=f"{totals[2] / max(totals[1], 1):.3f}")
+            if on_step is not None:
+                on_step(i + 1)
         bar.close()
         return {"loss": totals[0] / max(totals[1], 1), "accuracy": totals[2] / max(totals[1], 1),
-                "tokens": totals[1]}
+                "tokens": totals[1], "input_wait": waited}
 
 
 @dataclass
@@ -86,6 +108,8 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)
     stop: str | None = None  # why the loop ends early, set by a hook
     stopped_early: bool = False
+    step: int = 0  # steps done in the current epoch: a checkpoint taken mid-epoch resumes after them
+    restores: int = 0  # how often this run went on from a checkpoint (a resumed run, a replaced worker)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for JSON."""
@@ -104,6 +128,9 @@ class Hook:
     def on_train_begin(self, state: TrainState) -> None:
         """Before the first epoch of this run (after a resume, too)."""
 
+    def on_step_end(self, state: TrainState) -> None:
+        """After each training step (state.step of the epoch done)."""
+
     def on_epoch_end(self, state: TrainState, row: dict[str, float]) -> None:
         """After each epoch's training and validation; set state.stop to end the loop."""
 
@@ -121,23 +148,35 @@ class EpochLoop:
     log: Callable[[str], None] = print
     progress: bool = True
 
-    def run(self, train_data: tf.data.Dataset, val_data: tf.data.Dataset, steps: int, val_steps: int,
-            state: TrainState) -> TrainState:
+    def run(self, train_data, val_data, steps: int, val_steps: int, state: TrainState,
+            examples_per_step: int = 0) -> TrainState:
         """Epochs from state.epoch to self.epochs, unless a hook stops the run first."""
         for hook in self.hooks:
             hook.on_train_begin(state)
+
+        def on_step(done: int) -> None:
+            state.step = done
+            for hook in self.hooks:
+                hook.on_step_end(state)
+
         for epoch in range(state.epoch, self.epochs):
+            skip = state.step
             started = time.perf_counter()
-            train = self.trainer.run_epoch(train_data, True, steps, f"epoch {epoch + 1}/{self.epochs}", self.progress)
+            train = self.trainer.run_epoch(train_data, True, steps, f"epoch {epoch + 1}/{self.epochs}", self.progress,
+                                           skip=skip, on_step=on_step)
             seconds = time.perf_counter() - started
             val = self.trainer.run_epoch(val_data, False, val_steps, "validation", self.progress)
+            trained = max(steps - skip, 1)
             row = {"epoch": epoch + 1, "loss": train["loss"], "accuracy": train["accuracy"],
                    "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-                   "seconds": round(seconds, 3), "step_seconds": round(seconds / max(steps, 1), 4)}
+                   "seconds": round(seconds, 3), "step_seconds": round(seconds / trained, 4),
+                   "examples_per_second": round(examples_per_step * trained / max(seconds, 1e-9), 1),
+                   "input_wait_seconds": round(train["input_wait"], 3)}
             state.history.append(row)
-            state.epoch = epoch + 1
+            state.epoch, state.step = epoch + 1, 0
             self.log(f"epoch {epoch + 1}: loss {row['loss']:.4f} acc {row['accuracy']:.4f} "
-                     f"val_loss {row['val_loss']:.4f} val_acc {row['val_accuracy']:.4f} ({seconds:.1f} s)")
+                     f"val_loss {row['val_loss']:.4f} val_acc {row['val_accuracy']:.4f} ({seconds:.1f} s, "
+                     f"{row['examples_per_second']:.0f} examples/s, input wait {row['input_wait_seconds']:.1f} s)")
             for hook in self.hooks:
                 hook.on_epoch_end(state, row)
             if state.stop:

@@ -1,0 +1,299 @@
+"""Feature sets: a manifest's backbone features in committed shards, and the stream training reads them as.
+
+Written by `captioning features` on Ray Data (jobs/features.py) or in-process by `captioning train`; both use
+the stages below, so both give the same layout under the output URI (local or s3://):
+  _plan.json, _lease.json, _input/shard-NNNNN.jsonl   as in the bulk job (captioning/bulk.py)
+  backbone.json                 name, weights source, fingerprint and channels of the backbone
+  backbone.weights.h5           its exact weights: every actor, and the trained bundle, use these
+  features/shard-NNNNN.npy      float16 (images, 49, C): the shard's loaded images, in row order
+  features/shard-NNNNN.json     one record per manifest row: row, id, image (the cell verbatim), captions,
+                                status, error, and offset into the .npy (null when the image failed)
+  _committed/shard-NNNNN.json   commit marker, written last: rows, images and caption pairs of the shard
+  _SUCCESS.json                 summary of the run
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from captioning.bulk import check_ranges, fetch_shard, plan_shards, shard_name, uri
+from captioning.config import BULK_IMAGE, FetchConfig, ImageConfig, StorageConfig
+from captioning.errors import CaptioningError
+from captioning.manifest import ManifestSpec
+from captioning.stage_timings import StageClock, merge
+from captioning.storage import Storage, absolute, is_s3, local_path
+
+BACKBONE_INFO = "backbone.json"
+BACKBONE_WEIGHTS = "backbone.weights.h5"
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    """One features run: which manifest, which backbone, where to, and the bulk job's fetch and decode rules."""
+
+    manifest: str
+    output: str
+    spec: ManifestSpec = field(default_factory=ManifestSpec)
+    backbone: str = "mobilenet_v3_small"
+    weights: str = "imagenet"  # "imagenet", "none" (seeded random backbone) or a local weights file
+    seed: int = 0
+    shard_size: int = 256
+    batch_size: int = 64  # images per backbone call
+    actors: int = 1
+    actor_cpus: float = 1.0
+    num_gpus: float = 0.0
+    fetch_threads: int = 32
+    # A features manifest usually lists files beside it: its own kind of location is read by default.
+    allow_local_files: bool = False
+    allow_s3_sources: bool = False
+    retry_failed: bool = False
+    decode_memory: int = 512 * 1024 * 1024
+    lease_stale_after: float = 120.0
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+    image: ImageConfig = field(default_factory=lambda: BULK_IMAGE)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+    def plan_extra(self) -> dict[str, Any]:
+        """Features of another backbone never join a feature set: the backbone is part of the plan."""
+        return {"kind": "features", "backbone": self.backbone, "weights": self.weights, "seed": self.seed,
+                "image_size": self.image.size}
+
+    def with_absolute_paths(self) -> "FeaturesConfig":
+        """The same run with local paths made absolute, as Ray workers need."""
+        return replace(self, manifest=absolute(self.manifest), output=absolute(self.output))
+
+    @classmethod
+    def reading_own_kind(cls, manifest: str, output: str, **options: Any) -> "FeaturesConfig":
+        """A config that reads rows of the manifest's own kind (local files beside a local manifest, s3://
+        keys beside one on S3) besides http(s) URLs; the other kind still needs its --allow-* flag."""
+        local = not is_s3(manifest)
+        options["allow_local_files"] = options.get("allow_local_files", False) or local
+        options["allow_s3_sources"] = options.get("allow_s3_sources", False) or not local
+        return cls(manifest=manifest, output=output, **options)
+
+
+def prepare_backbone(config: FeaturesConfig, storage: Storage, backbone: Any = None) -> dict[str, Any]:
+    """backbone.json and backbone.weights.h5 in the output, written once; a rerun reuses them."""
+    from captioning.features import Backbone  # noqa: PLC0415  (TensorFlow: only where features are made)
+
+    info_uri = uri(config.output, BACKBONE_INFO)
+    if storage.exists(info_uri):
+        info = json.loads(storage.read_bytes(info_uri))
+        if (info["name"], info["weights_source"]) != (config.backbone, config.weights):
+            raise CaptioningError(config.output, f"holds features of {info['name']} ({info['weights_source']}); "
+                                  "use a new --output for another backbone")
+        return info
+    backbone = backbone or Backbone(config.backbone, config.weights, seed=config.seed, image_size=config.image.size)
+    info = {"name": backbone.name, "weights_source": config.weights, "fingerprint": backbone.fingerprint(),
+            "channels": backbone.channels, "image_size": config.image.size}
+    with tempfile.TemporaryDirectory() as tmp:
+        backbone.save(Path(tmp) / BACKBONE_WEIGHTS)
+        storage.upload_file(Path(tmp) / BACKBONE_WEIGHTS, uri(config.output, BACKBONE_WEIGHTS))
+    # The info file goes last: with it, the weights beside it are complete.
+    storage.write_bytes(info_uri, json.dumps(info, indent=2).encode())
+    return info
+
+
+def load_backbone(location: str, storage: Storage) -> Any:
+    """The backbone a feature set was made with, from its own weights file."""
+    from captioning.features import Backbone  # noqa: PLC0415
+
+    info = json.loads(storage.read_bytes(uri(location, BACKBONE_INFO)))
+    backbone = Backbone(info["name"], weights=str(storage.local_file(uri(location, BACKBONE_WEIGHTS))),
+                        image_size=info.get("image_size", 224))
+    backbone.weights_source = info["weights_source"]
+    if backbone.fingerprint() != info["fingerprint"]:
+        raise CaptioningError(uri(location, BACKBONE_WEIGHTS), "does not match the fingerprint in backbone.json")
+    return backbone
+
+
+class EmbedShard:
+    """Actor-side stage: loads the feature set's backbone once, then turns each shard's images into features."""
+
+    def __init__(self, config: FeaturesConfig, backbone: Any = None) -> None:
+        from captioning.devices import use_cpu_threads  # noqa: PLC0415
+
+        self.started = time.time()
+        if backbone is None:
+            use_cpu_threads(None)
+        self.config = config
+        self.backbone = backbone or load_backbone(config.output, Storage(config.storage))
+        self.ready = time.time()
+
+    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
+        clock = StageClock()
+        size = self.config.image.size
+        count = int(item["image_count"])
+        images = np.frombuffer(item["images"], np.uint8).reshape(count, size, size, 3) if count else None
+        feats = []
+        with clock.measure("backbone"):
+            for start in range(0, count, self.config.batch_size):
+                feats.append(self.backbone(images[start : start + self.config.batch_size]).numpy().astype(np.float16))
+        array = np.concatenate(feats) if feats else np.zeros((0, 49, self.backbone.channels), np.float16)
+        buffer = io.BytesIO()
+        np.save(buffer, array, allow_pickle=False)
+        timing = [*json.loads(item["timing"]), ["embed", clock.finish()],
+                  ["actor_init", {"span": [self.started, self.ready], "seconds": {}}]]
+        return {"shard": item["shard"], "range": item["range"], "rows": item["rows"], "features": buffer.getvalue(),
+                "timing": json.dumps(timing)}
+
+
+def write_feature_shard(item: dict[str, Any], config: FeaturesConfig) -> dict[str, Any]:
+    """Write a shard's features and records, then its commit marker; returns the shard's counts."""
+    clock = StageClock()
+    storage = Storage(config.storage)
+    shard, name = int(item["shard"]), shard_name(int(item["shard"]))
+    records, offset = [], 0
+    for row in json.loads(item["rows"]):
+        ok = row["status"] == "ok"
+        records.append({"row": row["row"], "id": row["id"], "image": row["url"], "captions": row.get("captions", []),
+                        "status": row["status"], "error": row["error"], "offset": offset if ok else None})
+        offset += ok
+    with clock.measure("write"):
+        # Data first, marker last: a crash in between leaves a shard that the next run simply redoes.
+        storage.write_bytes(uri(config.output, "features", f"{name}.npy"), item["features"],
+                            "application/octet-stream")
+        storage.write_bytes(uri(config.output, "features", f"{name}.json"), json.dumps(records).encode())
+    statuses = [r["status"] for r in records]
+    first, last = json.loads(item["range"])
+    pairs = sum(len(r["captions"]) for r in records if r["offset"] is not None)
+    marker = {"shard": shard, "rows": len(records), "images": offset, "pairs": pairs, "statuses": statuses,
+              "first_row": first, "last_row": last, "committed": time.time(),
+              "timing": merge(*json.loads(item["timing"]), ["write", clock.finish()])}
+    storage.write_bytes(uri(config.output, "_committed", f"{name}.json"), json.dumps(marker).encode())
+    return {"shard": shard, "rows": len(records), "ok": offset, "failed": len(records) - offset, "pairs": pairs}
+
+
+def summarise(config: FeaturesConfig, storage: Storage, total_rows: int, started: float) -> dict[str, Any]:
+    """Check every shard is committed with exactly its rows, then write _SUCCESS.json."""
+    shards_total = -(-total_rows // config.shard_size)
+    markers = [json.loads(storage.read_bytes(m)) for m in storage.list(uri(config.output, "_committed"))]
+    check_ranges(config, markers, total_rows, shards_total)
+    statuses = Counter(s for m in markers for s in m["statuses"])
+    summary = {"rows": total_rows, "shards": shards_total, "images": sum(m["images"] for m in markers),
+               "pairs": sum(m["pairs"] for m in markers), "statuses": dict(statuses.most_common()),
+               "wall_seconds": time.time() - started, "manifest": config.manifest,
+               "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    storage.write_bytes(uri(config.output, "_SUCCESS.json"), json.dumps(summary, indent=2).encode())
+    return summary
+
+
+def extract_features(config: FeaturesConfig, log: Callable[[str], None] = print, progress: bool = True,
+                     backbone: Any = None) -> dict[str, Any]:
+    """The features job in this process, with the same stages and layout as the Ray Data job."""
+    from tqdm import tqdm  # noqa: PLC0415
+
+    from captioning.lease import Lease  # noqa: PLC0415
+
+    config = config.with_absolute_paths()
+    storage = Storage(config.storage)
+    started = time.time()
+    with Lease(storage, uri(config.output, "_lease.json"), stale_after=config.lease_stale_after, log=log,
+               what="features run"):
+        todo, total_rows = plan_shards(config, storage)
+        prepare_backbone(config, storage, backbone)
+        if todo:
+            embed = EmbedShard(config, backbone)
+            bar = tqdm(total=len(todo), desc="backbone features", unit="shard", disable=not progress, leave=False)
+            for shard in todo:
+                write_feature_shard(embed(fetch_shard({"shard": shard}, config)), config)
+                bar.update(1)
+            bar.close()
+        return summarise(config, storage, total_rows, started)
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One committed shard of a feature set, as its marker gives it."""
+
+    name: str
+    rows: int
+    images: int
+    pairs: int
+
+
+class FeatureSet:
+    """A committed feature set read back: its backbone, its shards, and each shard's features and records."""
+
+    def __init__(self, location: str, storage: Storage | None = None) -> None:
+        self.location = location.rstrip("/")
+        self.storage = storage or Storage()
+        try:
+            self.backbone = json.loads(self.storage.read_bytes(uri(self.location, BACKBONE_INFO)))
+        except CaptioningError:
+            raise CaptioningError(location, "not a feature set (no backbone.json); make one with "
+                                  "`captioning features`") from None
+        self.shards = [self._info(marker) for marker in self.storage.list(uri(self.location, "_committed"))
+                       if marker.endswith(".json")]
+        if not self.storage.exists(uri(self.location, "_SUCCESS.json")):
+            raise CaptioningError(location, "feature set is incomplete (no _SUCCESS.json); rerun `captioning "
+                                  "features` with the same options to finish it")
+
+    @staticmethod
+    def is_feature_set(location: str, storage: Storage) -> bool:
+        """Whether location holds a feature set (rather than being a manifest)."""
+        try:
+            return storage.exists(uri(location, BACKBONE_INFO))
+        except CaptioningError:
+            return False
+
+    def _info(self, marker: str) -> ShardInfo:
+        data = json.loads(self.storage.read_bytes(marker))
+        return ShardInfo(marker.rsplit("/", 1)[-1].removesuffix(".json"), data["rows"], data["images"], data["pairs"])
+
+    @property
+    def channels(self) -> int:
+        """Feature depth C."""
+        return int(self.backbone["channels"])
+
+    @property
+    def pairs(self) -> int:
+        """Caption pairs of loaded images, over all shards."""
+        return sum(s.pairs for s in self.shards)
+
+    @property
+    def images(self) -> int:
+        """Loaded images, over all shards."""
+        return sum(s.images for s in self.shards)
+
+    def records(self, name: str) -> list[dict[str, Any]]:
+        """The per-row records of one shard."""
+        return json.loads(self.storage.read_bytes(uri(self.location, "features", f"{name}.json")))
+
+    def features(self, name: str) -> np.ndarray:
+        """float16 (images, 49, C) of one shard: memory-mapped when local, read whole from S3."""
+        where = uri(self.location, "features", f"{name}.npy")
+        if is_s3(where):
+            return np.load(io.BytesIO(self.storage.read_bytes(where)), allow_pickle=False)
+        return np.load(local_path(where), mmap_mode="r", allow_pickle=False)
+
+    def captions(self) -> Iterator[str]:
+        """Every caption of a loaded image, one shard at a time (the vocabulary's streaming pass)."""
+        for shard in self.shards:
+            for record in self.records(shard.name):
+                if record["offset"] is not None:
+                    yield from record["captions"]
+
+    def first_image(self) -> tuple[dict[str, Any], np.ndarray]:
+        """The first loaded image's record and features (49, C): the sample caption's image."""
+        for shard in self.shards:
+            for record in self.records(shard.name):
+                if record["offset"] is not None:
+                    return record, np.asarray(self.features(shard.name)[record["offset"]])
+        raise CaptioningError(self.location, "holds no loaded image")
+
+    def failures(self) -> Iterator[dict[str, Any]]:
+        """Records of rows whose image or row failed, with their status and error."""
+        for shard in self.shards:
+            for record in self.records(shard.name):
+                if record["offset"] is None:
+                    yield record

@@ -1,0 +1,78 @@
+"""Backbone features on Ray Data: manifest -> plan shards -> fetch/decode tasks -> backbone actors -> write + commit.
+
+The stages are captioning/featureset.py's; `captioning train` runs the same ones in-process.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter
+from typing import Callable
+
+from tqdm import tqdm
+
+from captioning.bulk import fetch_shard, plan_shards, uri
+from captioning.errors import CaptioningError
+from captioning.featureset import EmbedShard, FeaturesConfig, prepare_backbone, summarise, write_feature_shard
+from captioning.lease import Lease
+from captioning.storage import Storage
+from jobs.batch import check_cpus
+from jobs.ray_setup import TASK_CPUS, connect
+
+BUFFERED_SHARDS = 4  # decoded shards waiting per backbone actor: bounds the object store
+
+
+def run(config: FeaturesConfig, address: str | None = None, log: Callable[[str], None] = print,
+        progress: bool = True) -> dict:
+    """Features for every manifest row, each shard committed exactly once; returns the _SUCCESS summary."""
+    config = config.with_absolute_paths()
+    storage = Storage(config.storage)
+    with Lease(storage, uri(config.output, "_lease.json"), stale_after=config.lease_stale_after, log=log,
+               what="features run"):
+        return _run(config, storage, address, log, progress)
+
+
+def _run(config: FeaturesConfig, storage: Storage, address: str | None, log: Callable[[str], None],
+         progress: bool) -> dict:
+    import ray  # noqa: PLC0415
+
+    started = time.time()
+    todo, total_rows = plan_shards(config, storage)
+    if not total_rows:
+        raise CaptioningError(config.manifest, "has no rows")
+    info = prepare_backbone(config, storage)  # once, on the driver: every actor loads these very weights
+    shards_total = -(-total_rows // config.shard_size)
+    log(f"{total_rows} rows in {shards_total} shards; {len(todo)} to process with {info['name']} "
+        f"({info['weights_source']})")
+    counts: Counter = Counter()
+    if todo:
+        connect(address)
+        check_cpus(config, ray.cluster_resources().get("CPU", 0.0), fixed=address is None, log=log)
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False
+        shard_bytes = config.shard_size * config.image.size**2 * 3
+        context.execution_options.resource_limits = context.execution_options.resource_limits.copy(
+            object_store_memory=shard_bytes * BUFFERED_SHARDS * config.actors)
+        items = ray.data.from_items([{"shard": shard} for shard in todo], override_num_blocks=len(todo))
+        fetched = items.map(fetch_shard, fn_kwargs={"config": config}, num_cpus=TASK_CPUS)
+        embedded = fetched.map(EmbedShard, fn_constructor_kwargs={"config": config}, num_cpus=config.actor_cpus,
+                               num_gpus=config.num_gpus or None, compute=ray.data.ActorPoolStrategy(size=config.actors))
+        written = embedded.map(write_feature_shard, fn_kwargs={"config": config}, num_cpus=TASK_CPUS)
+        bar = tqdm(total=len(todo), desc="features", unit="shard", disable=not progress, file=sys.stderr)
+        for summary in written.iter_rows():
+            counts.update({"rows": summary["rows"], "ok": summary["ok"], "failed": summary["failed"]})
+            bar.update(1)
+            bar.set_postfix(ok=counts["ok"], failed=counts["failed"],
+                            rows_per_s=f"{counts['rows'] / max(time.time() - started, 1e-9):.1f}")
+        bar.close()
+    summary = summarise(config, storage, total_rows, started)
+    log(f"{summary['rows']} rows: " + ", ".join(f"{k} {v}" for k, v in summary["statuses"].items())
+        + f"; {summary['images']} images, {summary['pairs']} caption pairs; output {config.output}")
+    return summary
+
+
+if __name__ == "__main__":  # `ray job submit -- python -m jobs.features ...` goes through the same CLI
+    from captioning.cli import main  # noqa: PLC0415
+
+    sys.exit(main(["features", *sys.argv[1:]]))

@@ -1,0 +1,150 @@
+"""Sharded training on Ray Train: TensorflowTrainer, MultiWorkerMirroredStrategy and the library's custom step.
+
+The driver makes the feature sets (on Ray Data, when given manifests) and the vocabulary once; every worker
+then runs captioning.train.fit on its own shards, with one more hook: each checkpoint is reported to Ray
+Train, which keeps the best ones in RunConfig.storage_path and restores from the latest after a failure or
+when the same command runs again. Rank 0 writes the bundle, history and curves to --out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from captioning.config import TrainConfig
+from captioning.errors import CaptioningError
+from captioning.manifest import ManifestSpec
+from captioning.storage import Storage, absolute, is_s3
+from jobs.ray_setup import connect
+
+RUN_NAME = "checkpoints"  # the Ray Train run folder under --out; the same --out resumes it
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """How many workers, what each gets, and how many failures the run survives."""
+
+    workers: int = 2
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2
+    keep_checkpoints: int = 2
+
+
+def worker_loop(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker: restore from the latest reported checkpoint, train, report, rank 0 writes out."""
+    import ray.train  # noqa: PLC0415
+    import tensorflow as tf  # noqa: PLC0415
+
+    from captioning.train import Prepared, fit, write_model  # noqa: PLC0415
+    from captioning.training.hooks import Checkpoints  # noqa: PLC0415
+
+    tf.get_logger().setLevel("ERROR")  # MultiWorkerMirroredStrategy's start-up INFO lines, once per worker
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    config: TrainConfig = loop_config["config"]
+    gpus = loop_config["gpus_per_worker"] > 0
+    # NCCL between GPUs, ring all-reduce over gRPC between CPU workers.
+    implementation = tf.distribute.experimental.CommunicationImplementation.NCCL if gpus else \
+        tf.distribute.experimental.CommunicationImplementation.RING
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(
+        communication_options=tf.distribute.experimental.CommunicationOptions(implementation=implementation))
+    prepared = Prepared(**loop_config["prepared"], storage=Storage(config.storage))
+
+    def log(message: str) -> None:
+        if rank == 0:
+            print(message, flush=True)
+
+    class Reported(Checkpoints):
+        """Every worker reports each checkpoint's metrics; rank 0 hands over the checkpoint folder too."""
+
+        def publish(self, state, metrics):  # noqa: ANN001, ANN202
+            from ray.train import Checkpoint  # noqa: PLC0415
+
+            clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+            clean.setdefault("val_loss", float("inf"))  # a checkpoint before the first validation ranks last
+            clean["restores"] = state.restores
+            ray.train.report(clean, checkpoint=Checkpoint.from_directory(self.folder) if self.writer else None,
+                             delete_local_checkpoint_after_upload=False)
+
+    with tempfile.TemporaryDirectory(prefix="captioning-ckpt-") as tmp:
+        folder = Path(tmp) / "checkpoint"
+        restored = ray.train.get_checkpoint()
+        if restored is not None:
+            restored.to_directory(str(folder))
+        model, state = fit(prepared, config, folder, None, strategy, pipelines=world, rank=rank,
+                           checkpoints=Reported, log=log, progress=False)
+    if rank == 0:
+        version = write_model(prepared, model, state, loop_config["out"])
+        log(f"model {version} written to {loop_config['out']} (best epoch {state.best_epoch}, "
+            f"{state.restores} restore(s))")
+
+
+def run(train_source: str, val_source: str, out: str, config: TrainConfig, scaling: Scaling,
+        spec: ManifestSpec | None = None, address: str | None = None, log: Callable[[str], None] = print,
+        progress: bool = True) -> dict[str, Any]:
+    """Train on Ray Train into out (folder or s3:// prefix); returns the bundle's metrics."""
+    import ray.train  # noqa: PLC0415
+    from ray.train.tensorflow import TensorflowTrainer  # noqa: PLC0415
+
+    from captioning.train import prepare  # noqa: PLC0415
+    from jobs import features as features_job  # noqa: PLC0415
+
+    out = out if is_s3(out) else absolute(out)
+    storage = Storage(config.storage)
+    connect(address, log_to_driver=True)
+    train_source = train_source if is_s3(train_source) else absolute(str(train_source))
+    val_source = val_source if is_s3(val_source) else absolute(str(val_source))
+
+    def make(features, backbone) -> None:  # noqa: ANN001  (manifests: the features job, on this cluster)
+        features_job.run(features, address=address, log=log, progress=progress)
+
+    prepared = prepare(train_source, val_source, config, spec, config.cache_dir or f"{out.rstrip('/')}/features",
+                       make=make, log=log, progress=progress, workers=scaling.workers)
+    per_worker = config.batch_size // scaling.workers
+    log(f"Ray Train: {scaling.workers} worker(s) x {scaling.cpus_per_worker:g} CPU"
+        + (f" + {scaling.gpus_per_worker:g} GPU" if scaling.gpus_per_worker else "")
+        + f"; global batch {config.batch_size} ({per_worker} per worker), learning rate {config.learning_rate:g}")
+    storage_path, filesystem = storage.arrow_location(out)
+    resources = {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.gpus_per_worker else {})}
+    trainer = TensorflowTrainer(
+        worker_loop,
+        train_loop_config={"config": config, "prepared": prepared.to_dict(), "out": out,
+                           "gpus_per_worker": scaling.gpus_per_worker},
+        scaling_config=ray.train.ScalingConfig(num_workers=scaling.workers, use_gpu=scaling.gpus_per_worker > 0,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=RUN_NAME, storage_path=storage_path, storage_filesystem=filesystem,
+            failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=scaling.keep_checkpoints,
+                                                         checkpoint_score_attribute="val_loss",
+                                                         checkpoint_score_order="min"),
+            worker_runtime_env={"env_vars": worker_env()}),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as err:  # noqa: BLE001  (Ray wraps a worker's error in its own types)
+        raise CaptioningError(out, f"training failed: {str(err).strip().splitlines()[-1][:500]}") from None
+    if result.error is not None:
+        raise CaptioningError(out, f"training failed: {result.error}")
+    bundle = json.loads(storage.read_bytes(f"{out.rstrip('/')}/bundle.json"))
+    return {"version": bundle["version"], **bundle["metrics"],
+            "history": json.loads(storage.read_bytes(f"{out.rstrip('/')}/history.json"))}
+
+
+def worker_env() -> dict[str, str]:
+    """Settings workers need beside what Ray passes on: quiet TensorFlow, and the S3 endpoint if one is set
+    (credentials come from the workers' own environment or instance role, never through job metadata)."""
+    names = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+    return {"TF_CPP_MIN_LOG_LEVEL": "2", **{name: os.environ[name] for name in names if os.environ.get(name)}}
+
+
+if __name__ == "__main__":  # `ray job submit -- python -m jobs.train ...` goes through the same CLI
+    from captioning.cli import main  # noqa: PLC0415
+
+    sys.exit(main(["train", *sys.argv[1:]]))

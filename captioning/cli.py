@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--layers", type=_positive, default=model_defaults.num_layers)
     train.add_argument("--heads", type=_positive, default=model_defaults.num_heads)
     train.add_argument("--dropout", type=float, default=model_defaults.dropout)
+    train.add_argument("--precision", default="auto", choices=["auto", "float32", "mixed_float16", "mixed_bfloat16"],
+                       help="decoder compute precision (auto: mixed on GPUs, float16 with loss scaling; float32 on CPUs)")
     train.add_argument("--workers", type=int, default=0,
                        help="Ray Train workers (0: train in this process, the default)")
     train.add_argument("--gpus-per-worker", type=_non_negative, default=0.0)
@@ -312,6 +314,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(model=model, weights=args.weights, epochs=args.epochs, batch_size=args.batch_size,
                          learning_rate=args.learning_rate, patience=args.patience, seed=args.seed,
                          shuffle_buffer=args.shuffle_buffer, checkpoint_every=args.checkpoint_every,
+                         precision=args.precision,
                          max_seconds=args.max_seconds, cache_dir=args.cache_dir, steps_per_epoch=args.steps_per_epoch,
                          fetch=_fetch_config(args), storage=storage.config)
     spec = _manifest_spec(args)

@@ -97,6 +97,7 @@ class TrainConfig:
     steps_per_epoch: int | None = None  # cap, for quick runs
     max_seconds: float | None = None  # wall-clock budget for the epochs; checked after each epoch
     checkpoint_every: int | None = None  # also checkpoint every this many steps within an epoch
+    precision: str = "auto"  # decoder compute dtype policy; auto: mixed on GPUs (loss-scaled for float16), float32 on CPUs
     sample_every_epoch: bool = True
 
 

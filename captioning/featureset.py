@@ -199,8 +199,9 @@ def extract_features(config: FeaturesConfig, log: Callable[[str], None] = print,
     started = time.time()
     with Lease(storage, uri(config.output, "_lease.json"), stale_after=config.lease_stale_after, log=log,
                what="features run"):
-        todo, total_rows = plan_shards(config, storage)
+        # The backbone first: a missing download fails before a plan pins this output to its weights.
         prepare_backbone(config, storage, backbone)
+        todo, total_rows = plan_shards(config, storage)
         if todo:
             embed = EmbedShard(config, backbone)
             bar = tqdm(total=len(todo), desc="backbone features", unit="shard", disable=not progress, leave=False)

@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from captioning.bundle import save_bundle
 from captioning.config import TrainConfig
+from captioning.devices import resolve_precision
 from captioning.errors import CaptioningError
 from captioning.featureset import FeaturesConfig, FeatureSet, extract_features, load_backbone
 from captioning.generate import GenerationConfig, Generator
@@ -153,7 +154,7 @@ def fit(prepared: Prepared, config: TrainConfig, checkpoint: Path, out: Path | N
     model_config = replace(config.model, vocab_size=tokenizer.size)
     with strategy.scope():
         bias = output_bias(np.asarray(prepared.token_counts), [tokenizer.id(t) for t in BANNED])
-        model = Captioner(model_config, tokenizer, bias)
+        model = Captioner(model_config, tokenizer, bias, dtype=resolve_precision(config.precision))
         model.build_for(train_set.channels)
     trainer = Trainer(model, config, strategy)
     writer = rank == 0

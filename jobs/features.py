@@ -38,10 +38,12 @@ def _run(config: FeaturesConfig, storage: Storage, address: str | None, log: Cal
     import ray  # noqa: PLC0415
 
     started = time.time()
+    # Once, on the driver, and before the plan: every actor loads these very weights, and a failed download
+    # leaves no plan that would pin this output to them.
+    info = prepare_backbone(config, storage)
     todo, total_rows = plan_shards(config, storage)
     if not total_rows:
         raise CaptioningError(config.manifest, "has no rows")
-    info = prepare_backbone(config, storage)  # once, on the driver: every actor loads these very weights
     shards_total = -(-total_rows // config.shard_size)
     log(f"{total_rows} rows in {shards_total} shards; {len(todo)} to process with {info['name']} "
         f"({info['weights_source']})")

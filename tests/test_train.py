@@ -113,3 +113,81 @@ def test_masked_loss_ignores_padding_and_takes_float_labels():
     loss, count, correct = masked_loss(tf.constant([[1.0, 0.0]]), logits)  # second label is padding
     assert float(count) == 1 and float(correct) == 1
     np.testing.assert_allclose(float(loss), -np.log(0.9 / 1.0001), rtol=1e-4)
+
+
+def test_a_checkpoint_every_k_steps_resumes_mid_epoch_after_the_steps_done(feature_sets, tmp_path):
+    from captioning.train import fit, prepare
+    from captioning.training.loop import Hook
+
+    config = tiny_config(epochs=1, checkpoint_every=2, sample_every_epoch=False)
+    prepared = prepare(feature_sets["train"], feature_sets["val"], config, log=quiet, progress=False)
+
+    class CrashAtStep3(Hook):
+        def on_step_end(self, state):
+            if state.step == 3:
+                raise RuntimeError("worker lost")
+
+    with pytest.raises(RuntimeError, match="worker lost"):
+        fit(prepared, config, tmp_path / "ckpt", None, extra_hooks=[CrashAtStep3()], log=quiet, progress=False)
+    saved = json.loads((tmp_path / "ckpt" / "state.json").read_text())
+    assert (saved["epoch"], saved["step"]) == (0, 2)  # the step-2 checkpoint, mid-epoch
+
+    trained = []
+
+    class Steps(Hook):
+        def on_step_end(self, state):
+            trained.append(state.step)
+
+    logs = []
+    _, state = fit(prepared, config, tmp_path / "ckpt", None, extra_hooks=[Steps()], log=logs.append,
+                   progress=False)
+    assert trained[0] == 3  # steps 1 and 2 are not trained again
+    assert state.restores == 1 and any("after epoch 0, step 2" in line for line in logs)
+    assert state.epoch == 1 and state.step == 0
+
+
+def test_float16_training_scales_its_loss(feature_sets, tmp_path):
+    import keras
+
+    from captioning.train import fit, prepare
+    from captioning.training.loop import Trainer
+
+    config = tiny_config(epochs=1, steps_per_epoch=3, precision="mixed_float16", sample_every_epoch=False)
+    prepared = prepare(feature_sets["train"], feature_sets["val"], config, log=quiet, progress=False)
+    model, state = fit(prepared, config, tmp_path / "ckpt", None, log=quiet, progress=False)
+    assert model.dtype_policy.name == "mixed_float16"
+    trainer = Trainer(model, config, __import__("tensorflow").distribute.get_strategy())
+    assert trainer.loss_scaling and isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert np.isfinite(state.history[0]["loss"]) and np.isfinite(state.history[0]["val_loss"])
+    float32 = Trainer(fit(prepared, tiny_config(epochs=1, steps_per_epoch=1, sample_every_epoch=False),
+                          tmp_path / "c32", None, log=quiet, progress=False)[0], config,
+                      __import__("tensorflow").distribute.get_strategy())
+    assert not float32.loss_scaling
+
+
+def test_a_loss_that_is_not_finite_stops_with_one_clear_error(synthetic_data, feature_cache, tmp_path, monkeypatch):
+    scripted_validation(monkeypatch, [float("nan")])
+    with pytest.raises(CaptioningError, match="epoch 1: the loss is not finite .* --precision float32"):
+        train(read_manifest(synthetic_data["train"]), read_manifest(synthetic_data["val"]), tmp_path,
+              tiny_config(epochs=2, steps_per_epoch=1, cache_dir=feature_cache), progress=False, log=quiet)
+
+
+def test_the_time_budget_stops_every_worker_when_any_workers_clock_says_so():
+    from captioning.training.hooks import TimeBudget
+    from captioning.training.loop import TrainState
+
+    asked = []
+
+    def agree(mine):  # stands in for the all-reduce: another worker's clock ran out
+        asked.append(mine)
+        return True
+
+    budget = TimeBudget(3600.0, agree)
+    state = TrainState(epoch=1)
+    budget.on_train_begin(state)
+    budget.on_epoch_end(state, {})
+    assert asked == [False] and state.stop and "time budget" in state.stop  # this worker's own clock said no
+    alone = TimeBudget(3600.0)
+    state = TrainState(epoch=1)
+    alone.on_epoch_end(state, {})
+    assert state.stop is None

@@ -37,6 +37,8 @@ class EarlyStopping(Hook):
             state.stopped_early = True
 
     def on_train_end(self, state: TrainState) -> None:
+        if not state.history or state.best_epoch < 1:
+            return  # nothing trained in this run (a resumed run that had already finished its epochs)
         if self.best_weights is not None:
             self.model.set_weights(self.best_weights)
         best = state.history[state.best_epoch - 1]
@@ -152,7 +154,8 @@ def write_history(out: Path, history: Sequence[dict[str, Any]]) -> None:
     if not history:
         return
     with atomic_path(out / "history.csv") as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(history[0]))
+        names = list(dict.fromkeys(name for row in history for name in row))  # some columns only in some rows
+        writer = csv.DictWriter(handle, fieldnames=names)
         writer.writeheader()
         writer.writerows(history)
     atomic_write(out / "history.json", json.dumps(list(history), indent=2).encode())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -14,16 +15,21 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from captioning.config import TrainConfig
+from captioning.errors import CaptioningError
 from captioning.model import Captioner
 
 
 def masked_loss(labels: tf.Tensor, logits: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """Summed cross-entropy, token count and correct predictions over non-padding labels."""
     labels = tf.cast(labels, tf.int64)  # Keras can hand labels over as float
+    logits = tf.cast(logits, tf.float32)  # mixed precision: the softmax in full precision
     mask = tf.cast(labels != 0, tf.float32)
     loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+    # Selected, not multiplied: in float16 a banned token's bias is -inf, so a padding label's loss is inf,
+    # and inf x 0 would be NaN.
+    loss = tf.where(labels != 0, loss, 0.0)
     correct = tf.cast(tf.argmax(logits, axis=-1) == labels, tf.float32)
-    return tf.reduce_sum(loss * mask), tf.reduce_sum(mask), tf.reduce_sum(correct * mask)
+    return tf.reduce_sum(loss), tf.reduce_sum(mask), tf.reduce_sum(correct * mask)
 
 
 class Trainer:
@@ -31,8 +37,12 @@ class Trainer:
 
     def __init__(self, model: Captioner, config: TrainConfig, strategy: tf.distribute.Strategy) -> None:
         self.model, self.config, self.strategy = model, config, strategy
+        # float16 gradients underflow without loss scaling; bfloat16 and float32 need none.
+        self.loss_scaling = model.dtype_policy.compute_dtype == "float16"
         with strategy.scope():
             self.optimizer = keras.optimizers.Adam(config.learning_rate)
+            if self.loss_scaling:
+                self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
             self.optimizer.build(model.trainable_variables)
         self._train_step = tf.function(self._distributed(self._train_replica))
         self._eval_step = tf.function(self._distributed(self._eval_replica))
@@ -51,7 +61,10 @@ class Trainer:
             loss_sum, count, correct = masked_loss(labels, logits)
             # Mean over this replica's tokens; gradients from replicas are summed, hence the division.
             loss = loss_sum / tf.maximum(count, 1.0) / self.strategy.num_replicas_in_sync
+            if self.loss_scaling:
+                loss = self.optimizer.scale_loss(loss)
         grads = tape.gradient(loss, self.model.trainable_variables)
+        # LossScaleOptimizer unscales, and skips a step whose gradients overflowed (then lowers the scale).
         self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
         return loss_sum, count, correct
 
@@ -154,7 +167,10 @@ class EpochLoop:
         for hook in self.hooks:
             hook.on_train_begin(state)
 
+        first_step: dict[str, float] = {}  # when this run's first step finished; reported once
+
         def on_step(done: int) -> None:
+            first_step.setdefault("at", time.time())
             state.step = done
             for hook in self.hooks:
                 hook.on_step_end(state)
@@ -171,7 +187,15 @@ class EpochLoop:
                    "val_loss": val["loss"], "val_accuracy": val["accuracy"],
                    "seconds": round(seconds, 3), "step_seconds": round(seconds / trained, 4),
                    "examples_per_second": round(examples_per_step * trained / max(seconds, 1e-9), 1),
-                   "input_wait_seconds": round(train["input_wait"], 3)}
+                   "input_wait_seconds": round(train["input_wait"], 3),
+                   # Peak resident memory of this process so far (Linux reports KiB): flat when input streams.
+                   "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            if "at" in first_step and not first_step.get("reported"):
+                row["first_step_at"] = round(first_step["at"], 3)  # wall clock: start-up cost, seen from outside
+                first_step["reported"] = 1
+            if not (math.isfinite(row["loss"]) and math.isfinite(row["val_loss"])):
+                raise CaptioningError(f"epoch {epoch + 1}", f"the loss is not finite (loss {row['loss']}, val_loss "
+                                      f"{row['val_loss']}); lower --learning-rate, or use --precision float32")
             state.history.append(row)
             state.epoch, state.step = epoch + 1, 0
             self.log(f"epoch {epoch + 1}: loss {row['loss']:.4f} acc {row['accuracy']:.4f} "

@@ -1,6 +1,7 @@
 """Training benchmark: one process against Ray Train with 1 and 2 workers, on N and 4N feature shards, in one run.
 
-Each row is a fresh process (so peak memory is that run's own): `captioning train` in-process, or on Ray
+Each row is a fresh process (so peak memory is that run's own), trained with the same data, seed and budget
+(so the best validation losses should agree): `captioning train` in-process, or on Ray
 Train (`--workers`), over feature sets made once up front. Printed per row: examples/s and step time of
 the last epoch (the first one traces), seconds from the command to the first finished step, and peak RSS
 of the training process (rank 0's, for Ray; workers are alike).
@@ -60,7 +61,8 @@ def one_run(train_set: str, val_set: str, out: Path, workers: int, epochs: int, 
     last = history[-1]
     return {"examples_per_second": last["examples_per_second"], "step_ms": 1000 * last["step_seconds"],
             "first_step_seconds": history[0]["first_step_at"] - started,
-            "peak_rss_mb": max(row["peak_rss_mb"] for row in history), "total_seconds": time.time() - started}
+            "peak_rss_mb": max(row["peak_rss_mb"] for row in history), "total_seconds": time.time() - started,
+            "best_val_loss": min(row["val_loss"] for row in history)}
 
 
 def main() -> None:
@@ -68,7 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", type=int, default=8, help="N: shards of the smaller training set")
     parser.add_argument("--shard-size", type=int, default=32, help="images per shard")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64, help="global batch")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-training-") as tmp:
@@ -88,12 +90,12 @@ def main() -> None:
     print(f"\n{os.cpu_count()} CPU cores, no GPU; global batch {args.batch_size}; figures of epoch {args.epochs} "
           f"of {args.epochs}")
     print(f"{'path':<16}{'shards':>7}{'examples/s':>12}{'vs 1 proc':>10}{'step ms':>9}{'first step s':>14}"
-          f"{'peak RSS MB':>13}")
+          f"{'peak RSS MB':>13}{'best val_loss':>15}")
     for label, shards, f in rows:
         ratio = f["examples_per_second"] / base[shards]["examples_per_second"]
         count = args.shards * (4 if shards == "4n" else 1)
         print(f"{label:<16}{count:>7}{f['examples_per_second']:>12.0f}{ratio:>9.0%} {f['step_ms']:>8.1f}"
-              f"{f['first_step_seconds']:>14.1f}{f['peak_rss_mb']:>13.0f}")
+              f"{f['first_step_seconds']:>14.1f}{f['peak_rss_mb']:>13.0f}{f['best_val_loss']:>15.4f}")
     by = {(label, shards): f for label, shards, f in rows}
     one = by[("Ray, 1 worker", "n")]["examples_per_second"] / base["n"]["examples_per_second"]
     print(f"\n1 Ray worker / one process: {one:.0%} of examples/s (target >= 85%): "

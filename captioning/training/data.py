@@ -104,21 +104,24 @@ class StreamingInput:
         return shuffled(in_order(), self.buffer, rng) if self.train else in_order()
 
     def batches(self, pipeline: int, batch: int, count: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """Exactly `count` batches of (features, captions, real); rows past the pairs are masked padding."""
-        epoch = self.epoch
-        self.epoch += 1
-        pairs = self.pairs_of(pipeline, epoch)
+        """Epoch after epoch, exactly `count` batches of (features, captions, real) each; rows past the pairs are
+        masked padding. Endless: one iterator serves the whole run (a new one per epoch costs a retrace)."""
         channels = self.features.channels
-        for _ in range(count):
-            chosen = [pair for _, pair in zip(range(batch), pairs)]
-            features = np.zeros((batch, 49, channels), np.float16)
-            captions = [""] * batch
-            for i, (image, caption) in enumerate(chosen):
-                features[i], captions[i] = image, caption
-            yield features, np.array(captions, dtype=object), np.arange(batch) < len(chosen)
+        while True:
+            epoch = self.epoch
+            self.epoch += 1
+            pairs = self.pairs_of(pipeline, epoch)
+            for _ in range(count):
+                chosen = [pair for _, pair in zip(range(batch), pairs)]
+                features = np.zeros((batch, 49, channels), np.float16)
+                captions = [""] * batch
+                for i, (image, caption) in enumerate(chosen):
+                    features[i], captions[i] = image, caption
+                yield features, np.array(captions, dtype=object), np.arange(batch) < len(chosen)
 
     def dataset(self, pipeline: int, batch: int, count: int) -> tf.data.Dataset:
-        """The batches as a tf.data pipeline of ((features, input tokens), labels), labels 0 on padding."""
+        """The batches as an endless tf.data pipeline of ((features, input tokens), labels), labels 0 on padding;
+        `count` of them make one epoch."""
         channels, tokenizer = self.features.channels, self.tokenizer
         data = tf.data.Dataset.from_generator(
             lambda: self.batches(pipeline, batch, count),

@@ -7,7 +7,7 @@ import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import keras
 import numpy as np
@@ -83,17 +83,16 @@ class Trainer:
         value = self.strategy.run(lambda: tf.constant(float(flag)))
         return bool(self.strategy.reduce(tf.distribute.ReduceOp.MAX, value, axis=None).numpy() > 0)
 
-    def run_epoch(self, data, train: bool, steps: int, desc: str, progress: bool, skip: int = 0,
+    def run_epoch(self, batches: Iterator, train: bool, steps: int, desc: str, progress: bool, skip: int = 0,
                   on_step: Callable[[int], None] | None = None) -> dict:
-        """One pass over a distributed dataset; the first `skip` batches are read but not trained on (a resume
-        mid-epoch). Returns mean masked loss and accuracy, how many label tokens they cover, and the seconds
-        spent waiting for input."""
+        """`steps` batches from an iterator over a distributed dataset; the first `skip` are read but not trained
+        on (a resume mid-epoch). Returns mean masked loss and accuracy, how many label tokens they cover, and the
+        seconds spent waiting for input."""
         step_fn = self._train_step if train else self._eval_step
         totals = np.zeros(3)
         waited = 0.0
         bar = tqdm(total=steps, initial=skip, desc=desc, unit="batch", disable=not progress, leave=False,
                    file=sys.stderr)
-        batches = iter(data)
         for i in range(steps):
             began = time.perf_counter()
             batch = next(batches)
@@ -175,13 +174,15 @@ class EpochLoop:
             for hook in self.hooks:
                 hook.on_step_end(state)
 
+        # One iterator per split for the whole run: the datasets are endless, an epoch is `steps` batches.
+        train_batches, val_batches = iter(train_data), iter(val_data)
         for epoch in range(state.epoch, self.epochs):
             skip = state.step
             started = time.perf_counter()
-            train = self.trainer.run_epoch(train_data, True, steps, f"epoch {epoch + 1}/{self.epochs}", self.progress,
+            train = self.trainer.run_epoch(train_batches, True, steps, f"epoch {epoch + 1}/{self.epochs}", self.progress,
                                            skip=skip, on_step=on_step)
             seconds = time.perf_counter() - started
-            val = self.trainer.run_epoch(val_data, False, val_steps, "validation", self.progress)
+            val = self.trainer.run_epoch(val_batches, False, val_steps, "validation", self.progress)
             trained = max(steps - skip, 1)
             row = {"epoch": epoch + 1, "loss": train["loss"], "accuracy": train["accuracy"],
                    "val_loss": val["loss"], "val_accuracy": val["accuracy"],

@@ -294,6 +294,12 @@ def fetch_shard(item: dict[str, Any], config: ShardedJob) -> dict[str, Any]:
     }
 
 
+def shard_images(item: dict[str, Any], size: int) -> np.ndarray | None:
+    """The decoded images fetch_shard packed into an item: uint8 (count, size, size, 3), or None if none."""
+    count = int(item["image_count"])
+    return np.frombuffer(item["images"], np.uint8).reshape(count, size, size, 3) if count else None
+
+
 def _read_previous(config: ShardedJob, storage: Storage, shard: int) -> list[dict]:
     data = storage.read_bytes(uri(config.output, "captions", f"{shard_name(shard)}.parquet"))
     return pq.read_table(io.BytesIO(data)).to_pylist()
@@ -321,9 +327,8 @@ class CaptionShard:
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
         clock = StageClock()
-        size = self.config.image.size
         count = int(item["image_count"])
-        images = np.frombuffer(item["images"], np.uint8).reshape(count, size, size, 3) if count else None
+        images = shard_images(item, self.config.image.size)
         rows = json.loads(item["rows"])
         good = [r for r in rows if r["status"] == "ok"]
         maps: list[np.ndarray] = []

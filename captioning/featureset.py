@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from captioning.bulk import check_ranges, fetch_shard, plan_shards, shard_name, uri
+from captioning.bulk import check_ranges, fetch_shard, plan_shards, shard_images, shard_name, uri
 from captioning.config import BULK_IMAGE, FetchConfig, ImageConfig, StorageConfig
 from captioning.errors import CaptioningError
 from captioning.manifest import ManifestSpec
@@ -131,9 +131,8 @@ class EmbedShard:
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
         clock = StageClock()
-        size = self.config.image.size
         count = int(item["image_count"])
-        images = np.frombuffer(item["images"], np.uint8).reshape(count, size, size, 3) if count else None
+        images = shard_images(item, self.config.image.size)
         feats = []
         with clock.measure("backbone"):
             for start in range(0, count, self.config.batch_size):

@@ -81,6 +81,22 @@ def descendants(root: int) -> dict[int, str]:
     return found
 
 
+def kill_job(job: subprocess.Popen) -> None:
+    """SIGKILL the job, its process group and every process below it (a Ray worker may have left the group),
+    and return only once all are gone: no shard may commit after this."""
+    import psutil
+
+    below = [psutil.Process(pid) for pid in descendants(job.pid) if psutil.pid_exists(pid)]
+    os.killpg(job.pid, signal.SIGKILL)
+    for process in below:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(below, timeout=30)
+    job.wait()
+
+
 def assert_exactly_once(out: Path) -> None:
     rows = list(read_output(str(out)))
     assert sorted(r["id"] for r in rows) == sorted(f"r{i}" for i in range(ROWS))  # all there, each once
@@ -102,8 +118,7 @@ def test_killed_workers_then_a_killed_job_finish_exactly_once(slow_manifest, tra
         # Ray restarts the actor and retries the lost tasks: the same run goes on committing shards.
         wait_for_commits(job, out, 4)
     finally:
-        os.killpg(job.pid, signal.SIGKILL)  # then the whole job dies mid-run
-        job.wait()
+        kill_job(job)  # then the whole job dies mid-run
     committed_before = len(committed(out))
     assert 4 <= committed_before < SHARDS
     assert not (out / "_SUCCESS.json").exists()

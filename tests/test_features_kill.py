@@ -5,8 +5,6 @@ beside the group's shared Ray instance.
 """
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +13,7 @@ import pytest
 
 from captioning.featureset import FeatureSet
 from tests.conftest import LoopbackServer, Reply
-from tests.test_batch_kill import committed, descendants, start_and_wait_for_commits
+from tests.test_batch_kill import committed, descendants, kill_job, start_and_wait_for_commits
 
 ROWS, SHARD = 24, 3
 
@@ -41,15 +39,8 @@ def test_a_killed_features_job_reruns_to_every_row_exactly_once(slow_urls, tmp_p
                "--weights", "none", "--id-column", "id", "--shard-size", str(SHARD), "--batch-size", "4",
                "--fetch-threads", "2", "--allow-network", "127.0.0.1/32", "--no-progress"]
     job = start_and_wait_for_commits(command, out, 2)
-    below = descendants(job.pid)
-    assert any("EmbedShard" in cmd for cmd in below.values())
-    for pid in below:  # Ray's processes, in case one left the job's process group
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait()
+    assert any("EmbedShard" in cmd for cmd in descendants(job.pid).values())
+    kill_job(job)
     before = len(committed(out))
     assert 2 <= before < ROWS // SHARD and not (out / "_SUCCESS.json").exists()
 

@@ -79,13 +79,15 @@ MakeFeatures = Callable[[FeaturesConfig, Any], Any]  # (config, backbone) -> run
 
 
 def feature_set_for(source: str | Path | Manifest, split: str, config: TrainConfig, spec: ManifestSpec, root: str,
-                    make: MakeFeatures, log: Callable[[str], None], min_shards: int = 1) -> FeatureSet:
-    """A feature set as given, or one made in-process for a manifest (kept under root, reused while the
-    manifest's content, columns and backbone stay the same). Rows without an image are logged, not dropped."""
+                    make: MakeFeatures, log: Callable[[str], None], min_shards: int = 1,
+                    backbone: Any = None) -> FeatureSet:
+    """A feature set as given, or one made for a manifest with `backbone` (default: the configured one; kept
+    under root, reused while the manifest's content, columns and backbone stay the same). Rows without an
+    image are logged, not dropped."""
     storage = Storage(config.storage)
-    source = source.source if isinstance(source, Manifest) else str(source)
+    source = _uri(source)
     made = FeatureSet(source, storage) if FeatureSet.is_feature_set(source, storage) else \
-        _make_feature_set(source, config, spec, root, make, min_shards)
+        _make_feature_set(source, config, spec, root, make, min_shards, backbone)
     failures = list(itertools.islice(made.failures(), SHOWN_FAILURES + 1))
     for record in failures[:SHOWN_FAILURES]:
         log(f"skipped {record['status']} row: {record['error']}")
@@ -98,14 +100,19 @@ def feature_set_for(source: str | Path | Manifest, split: str, config: TrainConf
     return made
 
 
+def _uri(source: str | Path | Manifest) -> str:
+    return source.source if isinstance(source, Manifest) else str(source)
+
+
 def _make_feature_set(source: str, config: TrainConfig, spec: ManifestSpec, root: str,
-                      make: MakeFeatures, min_shards: int) -> FeatureSet:
+                      make: MakeFeatures, min_shards: int, backbone: Any = None) -> FeatureSet:
     storage = Storage(config.storage)
     if not storage.exists(source):
         raise CaptioningError(source, "manifest not found")
     from captioning.features import Backbone  # noqa: PLC0415
 
-    backbone = Backbone(config.model.backbone, config.weights, seed=config.seed, image_size=config.image.size)
+    backbone = backbone or Backbone(config.model.backbone, config.weights, seed=config.seed,
+                                    image_size=config.image.size)
     shard_size = FEATURE_SHARD_SIZE
     if min_shards > 1:  # every worker needs shards of its own, and a few to shuffle
         rows = sum(1 for _ in iter_rows(source, spec, storage))
@@ -114,10 +121,19 @@ def _make_feature_set(source: str, config: TrainConfig, spec: ManifestSpec, root
     folder = "/".join([root.rstrip("/"), f"{backbone.name}-{backbone.fingerprint()}",
                        hashlib.sha256(described.encode()).hexdigest()[:16]])
     features = FeaturesConfig.reading_own_kind(
-        source, folder, spec=spec, backbone=backbone.name, weights=config.weights, seed=config.seed,
+        source, folder, spec=spec, backbone=backbone.name, weights=backbone.weights_source, seed=config.seed,
         shard_size=shard_size, fetch=config.fetch, image=config.image, storage=config.storage)
     make(features, backbone)
     return FeatureSet(folder, storage)
+
+
+def _given_backbone(sources: list[str], storage: Storage) -> Any:
+    """A feature set's own backbone when a manifest comes beside it: the manifest must be embedded alike, or
+    training and validation features would not match (--weights applies only when both are manifests)."""
+    given = [FeatureSet.is_feature_set(source, storage) for source in sources]
+    if all(given) or not any(given):
+        return None
+    return load_backbone(sources[given.index(True)], storage)
 
 
 def prepare(train_source: str | Path | Manifest, val_source: str | Path | Manifest, config: TrainConfig,
@@ -129,8 +145,9 @@ def prepare(train_source: str | Path | Manifest, val_source: str | Path | Manife
     spec = spec or ManifestSpec()
     root = str(feature_root or config.cache_dir or cache_dir() / "features")
     make = make or (lambda features, backbone: extract_features(features, log, progress, backbone))
-    train_set = feature_set_for(train_source, "training", config, spec, root, make, log, 4 * workers)
-    val_set = feature_set_for(val_source, "validation", config, spec, root, make, log)
+    backbone = _given_backbone([_uri(train_source), _uri(val_source)], Storage(config.storage))
+    train_set = feature_set_for(train_source, "training", config, spec, root, make, log, 4 * workers, backbone)
+    val_set = feature_set_for(val_source, "validation", config, spec, root, make, log, backbone=backbone)
     if train_set.backbone["fingerprint"] != val_set.backbone["fingerprint"]:
         raise CaptioningError(val_set.location, "was made with another backbone than the training features")
     log(f"training on {train_set.pairs} captions of {train_set.images} images ({len(train_set.shards)} shards), "

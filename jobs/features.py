@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import Counter
-from typing import Callable
+from typing import Any, Callable
 
 from tqdm import tqdm
 
@@ -24,23 +24,24 @@ BUFFERED_SHARDS = 4  # decoded shards waiting per backbone actor: bounds the obj
 
 
 def run(config: FeaturesConfig, address: str | None = None, log: Callable[[str], None] = print,
-        progress: bool = True) -> dict:
-    """Features for every manifest row, each shard committed exactly once; returns the _SUCCESS summary."""
+        progress: bool = True, backbone: Any = None) -> dict:
+    """Features for every manifest row, each shard committed exactly once; returns the _SUCCESS summary.
+    backbone: an already-built one to use (default: the configured one)."""
     config = config.with_absolute_paths()
     storage = Storage(config.storage)
     with Lease(storage, uri(config.output, "_lease.json"), stale_after=config.lease_stale_after, log=log,
                what="features run"):
-        return _run(config, storage, address, log, progress)
+        return _run(config, storage, address, log, progress, backbone)
 
 
 def _run(config: FeaturesConfig, storage: Storage, address: str | None, log: Callable[[str], None],
-         progress: bool) -> dict:
+         progress: bool, backbone: Any) -> dict:
     import ray  # noqa: PLC0415
 
     started = time.time()
     # Once, on the driver, and before the plan: every actor loads these very weights, and a failed download
     # leaves no plan that would pin this output to them.
-    info = prepare_backbone(config, storage)
+    info = prepare_backbone(config, storage, backbone)
     todo, total_rows = plan_shards(config, storage)
     if not total_rows:
         raise CaptioningError(config.manifest, "has no rows")

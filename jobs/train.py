@@ -102,7 +102,7 @@ def run(train_source: str, val_source: str, out: str, config: TrainConfig, scali
     val_source = val_source if is_s3(val_source) else absolute(str(val_source))
 
     def make(features, backbone) -> None:  # noqa: ANN001  (manifests: the features job, on this cluster)
-        features_job.run(features, address=address, log=log, progress=progress)
+        features_job.run(features, address=address, log=log, progress=progress, backbone=backbone)
 
     prepared = prepare(train_source, val_source, config, spec, config.cache_dir or f"{out.rstrip('/')}/features",
                        make=make, log=log, progress=progress, workers=scaling.workers)

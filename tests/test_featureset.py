@@ -113,3 +113,18 @@ def test_too_few_pairs_or_shards_for_the_workers_is_a_clear_error(feature_sets):
         StreamingInput(train_set, Tokenizer.build(["a b"], 10, 5), 64, 16, True)
     with pytest.raises(CaptioningError, match="does not split evenly"):
         StreamingInput(train_set, Tokenizer.build(["a b"], 10, 5), 63, 2, True)
+
+
+def test_a_manifest_beside_a_feature_set_is_embedded_with_that_feature_sets_backbone(
+        feature_sets, synthetic_data, tmp_path):
+    from captioning.train import prepare
+    from tests.conftest import tiny_config
+
+    # The default --weights (imagenet) is never downloaded: the training features' own backbone is used.
+    config = tiny_config(weights="imagenet", seed=99)
+    prepared = prepare(feature_sets["train"], synthetic_data["val"], config, feature_root=tmp_path,
+                       log=lambda _: None, progress=False)
+    made = FeatureSet(prepared.val)
+    assert made.location.startswith(str(tmp_path))
+    assert made.backbone["fingerprint"] == FeatureSet(feature_sets["train"]).backbone["fingerprint"]
+    assert made.pairs == FeatureSet(feature_sets["val"]).pairs

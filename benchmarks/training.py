@@ -50,7 +50,7 @@ def make_feature_sets(root: Path, shards: int, shard_size: int) -> dict[str, str
 
 def one_run(train_set: str, val_set: str, out: Path, workers: int, epochs: int, batch: int) -> dict:
     """One `captioning train` in a fresh process; the last epoch's figures and the start-up time."""
-    command = [sys.executable, "-m", "captioning.cli", "train", "--train", train_set, "--val", val_set,
+    command = [sys.executable, "-m", "cli", "train", "--train", train_set, "--val", val_set,
                "--out", str(out), "--weights", "none", "--epochs", str(epochs), "--batch-size", str(batch),
                "--patience", str(epochs), "--no-progress", *MODEL, "--workers", str(workers)]
     started = time.time()

@@ -101,6 +101,18 @@ class TrainConfig:
     sample_every_epoch: bool = True
 
 
+@dataclass(frozen=True)
+class Scaling:
+    """How many Ray Train workers, what each gets, and how many failures the run survives (0 workers: one
+    process, no Ray)."""
+
+    workers: int = 2
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2
+    keep_checkpoints: int = 2
+
+
 METHODS = ("greedy", "sample", "beam")
 
 

@@ -80,11 +80,18 @@ class Storage:
 
             endpoint = self.endpoint
             path_style = self.config.path_style if self.config.path_style is not None else bool(endpoint)
+            # Keys set in the environment now, explicitly: boto3's default session resolves credentials once per
+            # process and would keep using the first ones it saw (a long-lived process whose settings change).
+            keys = {"aws_access_key_id": os.environ.get("AWS_ACCESS_KEY_ID"),
+                    "aws_secret_access_key": os.environ.get("AWS_SECRET_ACCESS_KEY"),
+                    "aws_session_token": os.environ.get("AWS_SESSION_TOKEN")}
+            keys = keys if keys["aws_access_key_id"] and keys["aws_secret_access_key"] else {}
             self._client = boto3.client(
                 "s3", endpoint_url=endpoint, region_name=self.config.region or os.environ.get("AWS_REGION")
                 or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
                 config=Config(retries={"mode": "adaptive", "max_attempts": self.config.max_attempts},
                               s3={"addressing_style": "path" if path_style else "auto"}),
+                **keys,
             )
         return self._client
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -14,6 +15,7 @@ from captioning.bulk import BulkConfig, CaptionShard, check_ranges, fetch_shard,
 from captioning.errors import CaptioningError
 from captioning.featureset import FeaturesConfig
 from captioning.lease import Lease
+from captioning.options import batch_options, bulk_config, guarded, job_parser, log
 from captioning.stage_timings import stage_report
 from captioning.storage import Storage
 from jobs.ray_setup import TASK_CPUS, connect
@@ -42,8 +44,8 @@ def _run(config: BulkConfig, storage: Storage, address: str | None, log: Callabl
         + (" (retrying transient failures)" if config.retry_failed else ""))
     fresh = Counter()
     if todo:
-        connect(address)
-        check_cpus(config, ray.cluster_resources().get("CPU", 0.0), fixed=address is None, log=log)
+        joined = connect(address)
+        check_cpus(config, ray.cluster_resources().get("CPU", 0.0), fixed=not joined, log=log)
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # one bar of our own, with rows and images/s
         # Fetching is faster than captioning: without a cap, decoded images pile up in the object store and
@@ -110,7 +112,17 @@ def summarise(config: BulkConfig, storage: Storage, total_rows: int, shards_tota
     return summary
 
 
-if __name__ == "__main__":  # `ray job submit -- python -m jobs.batch ...` goes through the same CLI
-    from captioning.cli import main  # noqa: PLC0415
+def command(args: argparse.Namespace) -> int:
+    """`captioning batch` and `python -m jobs.batch`: one run from the parsed options."""
+    run(bulk_config(args), address=args.address, log=log, progress=not args.no_progress)
+    return 0  # every row is committed; failed rows are output rows with their status, not a failed job
 
-    sys.exit(main(["batch", *sys.argv[1:]]))
+
+def main(argv: list[str] | None = None) -> int:
+    """Entrypoint of a submitted batch job: the local command's options, one `error:` line on failure."""
+    args = job_parser("python -m jobs.batch", __doc__, batch_options).parse_args(argv)
+    return guarded(lambda: command(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

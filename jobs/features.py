@@ -5,6 +5,7 @@ The stages are captioning/featureset.py's; `captioning train` runs the same ones
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from collections import Counter
@@ -16,6 +17,7 @@ from captioning.bulk import fetch_shard, plan_shards, uri
 from captioning.errors import CaptioningError
 from captioning.featureset import EmbedShard, FeaturesConfig, prepare_backbone, summarise, write_feature_shard
 from captioning.lease import Lease
+from captioning.options import features_config, features_options, guarded, job_parser, log
 from captioning.storage import Storage
 from jobs.batch import check_cpus
 from jobs.ray_setup import TASK_CPUS, connect
@@ -50,8 +52,8 @@ def _run(config: FeaturesConfig, storage: Storage, address: str | None, log: Cal
         f"({info['weights_source']})")
     counts: Counter = Counter()
     if todo:
-        connect(address)
-        check_cpus(config, ray.cluster_resources().get("CPU", 0.0), fixed=address is None, log=log)
+        joined = connect(address)
+        check_cpus(config, ray.cluster_resources().get("CPU", 0.0), fixed=not joined, log=log)
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         shard_bytes = config.shard_size * config.image.size**2 * 3
@@ -75,7 +77,17 @@ def _run(config: FeaturesConfig, storage: Storage, address: str | None, log: Cal
     return summary
 
 
-if __name__ == "__main__":  # `ray job submit -- python -m jobs.features ...` goes through the same CLI
-    from captioning.cli import main  # noqa: PLC0415
+def command(args: argparse.Namespace) -> int:
+    """`captioning features` and `python -m jobs.features`: one run from the parsed options."""
+    run(features_config(args), address=args.address, log=log, progress=not args.no_progress)
+    return 0  # every row is committed; failed rows are recorded with their status, not a failed job
 
-    sys.exit(main(["features", *sys.argv[1:]]))
+
+def main(argv: list[str] | None = None) -> int:
+    """Entrypoint of a submitted features job: the local command's options, one `error:` line on failure."""
+    args = job_parser("python -m jobs.features", __doc__, features_options).parse_args(argv)
+    return guarded(lambda: command(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

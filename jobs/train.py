@@ -8,32 +8,23 @@ when the same command runs again. Rank 0 writes the bundle, history and curves t
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from captioning.config import TrainConfig
+from captioning.config import Scaling, TrainConfig
 from captioning.errors import CaptioningError
 from captioning.manifest import ManifestSpec
+from captioning.options import guarded, job_parser, log, manifest_spec, train_config, train_options
+from captioning.options import scaling as scaling_of
 from captioning.storage import Storage, absolute, is_s3
 from jobs.ray_setup import connect
 
 RUN_NAME = "checkpoints"  # the Ray Train run folder under --out; the same --out resumes it
-
-
-@dataclass(frozen=True)
-class Scaling:
-    """How many workers, what each gets, and how many failures the run survives."""
-
-    workers: int = 2
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 1.0
-    max_failures: int = 2
-    keep_checkpoints: int = 2
 
 
 def worker_loop(loop_config: dict[str, Any]) -> None:
@@ -144,7 +135,27 @@ def worker_env() -> dict[str, str]:
     return {"TF_CPP_MIN_LOG_LEVEL": "2", **{name: os.environ[name] for name in names if os.environ.get(name)}}
 
 
-if __name__ == "__main__":  # `ray job submit -- python -m jobs.train ...` goes through the same CLI
-    from captioning.cli import main  # noqa: PLC0415
+def command(args: argparse.Namespace) -> int:
+    """`captioning train` and `python -m jobs.train`: in this process, or on Ray Train with --workers."""
+    config, scale, spec = train_config(args), scaling_of(args), manifest_spec(args)
+    if scale.workers:
+        result = run(args.train, args.val, args.out, config, scale, spec, args.address, log=log,
+                     progress=not args.no_progress)
+        log(f"model {result['version']} written to {args.out} (best epoch {result['best_epoch']}, "
+            f"{result['restores']} restore(s))")
+        return 0
+    from captioning.train import train  # noqa: PLC0415
 
-    sys.exit(main(["train", *sys.argv[1:]]))
+    done = train(args.train, args.val, args.out, config, spec, progress=not args.no_progress, log=log)
+    log(f"model {done.version} written to {done.bundle} (best epoch {done.best_epoch})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entrypoint of a submitted training job: the local command's options, one `error:` line on failure."""
+    args = job_parser("python -m jobs.train", __doc__, train_options).parse_args(argv)
+    return guarded(lambda: command(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

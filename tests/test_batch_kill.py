@@ -34,7 +34,7 @@ def slow_manifest(synthetic_data, tmp_path):
 
 
 def batch_command(manifest, model, output):
-    return [sys.executable, "-m", "captioning.cli", "batch", "--manifest", manifest, "--model", model,
+    return [sys.executable, "-m", "cli", "batch", "--manifest", manifest, "--model", model,
             "--output", output, "--id-column", "id", "--shard-size", str(SHARD), "--batch-size", "4",
             "--fetch-threads", "2", "--allow-network", "127.0.0.1/32", "--no-progress"]
 

@@ -68,7 +68,7 @@ def hostile_rows(server: LoopbackServer, images: list[Path], tmp_path: Path) -> 
 
 @pytest.mark.ray
 def test_hostile_manifest_every_row_once_verbatim(ray_session, trained_bundle, images, tmp_path, capsys):
-    from captioning.cli import main
+    from cli.main import main
 
     server = LoopbackServer()
     try:

@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from captioning.cli import main
+from cli.main import main
 
 
 def run(capsys, *argv):

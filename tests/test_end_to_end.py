@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from captioning.cli import main
+from cli.main import main
 
 
 def test_end_to_end(tmp_path, capsys):
@@ -34,7 +34,7 @@ def test_main_job_demo_runs_every_stage(tmp_path):
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "captioning.cli", "demo", "--out", str(tmp_path), "--train", "120",
+    done = subprocess.run([sys.executable, "-m", "cli", "demo", "--out", str(tmp_path), "--train", "120",
                            "--val", "20", "--test", "12", "--epochs", "1"], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     for stage in ("1/5", "2/5", "3/5", "4/5", "5/5"):

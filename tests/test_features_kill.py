@@ -35,7 +35,7 @@ def slow_urls(synthetic_data, tmp_path):
 
 def test_a_killed_features_job_reruns_to_every_row_exactly_once(slow_urls, tmp_path):
     out = tmp_path / "features"
-    command = [sys.executable, "-m", "captioning.cli", "features", "--manifest", slow_urls, "--out", str(out),
+    command = [sys.executable, "-m", "cli", "features", "--manifest", slow_urls, "--out", str(out),
                "--weights", "none", "--id-column", "id", "--shard-size", str(SHARD), "--batch-size", "4",
                "--fetch-threads", "2", "--allow-network", "127.0.0.1/32", "--no-progress"]
     job = start_and_wait_for_commits(command, out, 2)

@@ -47,7 +47,8 @@ def test_two_workers_survive_a_killed_worker_resume_a_rerun_and_match_one_proces
     from captioning.bundle import load_bundle
     from captioning.generate import Generator
     from captioning.train import train
-    from jobs.train import Scaling, run
+    from captioning.config import Scaling
+    from jobs.train import run
 
     storage = Storage()
     remote = {}

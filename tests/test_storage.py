@@ -122,7 +122,7 @@ def test_storage_serve_command_runs_until_sigterm(tmp_path):
 
     (tmp_path / "credentials.env").write_text("export OLD=1\n")
     (tmp_path / "credentials.env").chmod(0o644)  # left readable by an older version: must not stay so
-    proc = subprocess.Popen([sys.executable, "-m", "captioning.cli", "storage", "serve", "--dir", str(tmp_path),
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "storage", "serve", "--dir", str(tmp_path),
                              "--bucket", "outputs"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = ""
@@ -245,3 +245,15 @@ def test_internal_listeners_refuse_strangers(seaweed):
         channel.close()
     assert seaweed.data_dir.stat().st_mode & 0o777 == 0o700
     assert all((seaweed.data_dir / "tls" / f).stat().st_mode & 0o777 == 0o600 for f in ("key.pem", "cert.pem"))
+
+
+def test_each_storage_signs_with_the_keys_set_when_it_starts(monkeypatch):
+    # boto3's default session keeps the first credentials it resolves; a long-lived process must not.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "FIRSTKEY")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "first-secret")
+    first = Storage().client
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "SECONDKEY")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "second-secret")
+    second = Storage().client
+    assert first._request_signer._credentials.access_key == "FIRSTKEY"
+    assert second._request_signer._credentials.access_key == "SECONDKEY"

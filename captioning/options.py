@@ -1,0 +1,306 @@
+"""Command-line options and the configs they build: one definition per option set, shared by the `captioning`
+command and the job entrypoints (`python -m jobs.batch ...`), so a submitted job parses exactly like the local
+command. Argparse only; nothing here imports TensorFlow or Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import replace
+from typing import Any, Callable
+
+from captioning.config import (BULK_IMAGE, FetchConfig, GenerationConfig, ModelConfig, Scaling, StorageConfig,
+                               TrainConfig)
+from captioning.errors import CaptioningError
+
+PRECISIONS = ["auto", "float32", "mixed_float16", "mixed_bfloat16"]
+
+
+def log(message: str) -> None:
+    """What every command prints: one line, flushed (job logs stream it as it comes)."""
+    print(message, flush=True)
+
+
+def guarded(command: Callable[[], int]) -> int:
+    """Run a command: a CaptioningError becomes one `error:` line and exit code 2, Ctrl+C exit code 130."""
+    try:
+        return command()
+    except CaptioningError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def positive(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
+def seconds(text: str) -> float:
+    """argparse type: a finite number above zero (seconds, rates)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}")
+    return value
+
+
+def non_negative(text: str) -> float:
+    """argparse type: a finite number of at least 0 (CPU and GPU shares)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of at least 0, got {text!r}")
+    return value
+
+
+# Shared option groups ---------------------------------------------------------------------------------------
+
+def manifest_options(parser: argparse.ArgumentParser) -> None:
+    """--format and the column names of a manifest."""
+    parser.add_argument("--format", default="auto", help="csv, tsv, cc-tsv, jsonl or parquet (default: by extension)")
+    parser.add_argument("--image-column", default="image")
+    parser.add_argument("--caption-column", default="caption")
+    parser.add_argument("--id-column", default=None)
+
+
+def manifest_spec(args: argparse.Namespace) -> Any:
+    """The ManifestSpec of manifest_options."""
+    from captioning.manifest import ManifestSpec  # noqa: PLC0415
+
+    return ManifestSpec(args.format, args.image_column, args.caption_column, args.id_column)
+
+
+def generation_options(parser: argparse.ArgumentParser) -> None:
+    """Greedy, sampling or beam search, batch size and precision."""
+    parser.add_argument("--temperature", type=float, default=None, help="sample with this temperature (> 0)")
+    parser.add_argument("--beam-size", type=int, default=None, help="beam search with this many beams")
+    parser.add_argument("--top-k", type=int, default=1, help="with --beam-size: also print the k best captions")
+    parser.add_argument("--batch-size", type=positive, default=None,
+                        help="images per model call (default: 32 on CPUs, where it is fastest; 256 on GPUs)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="decoder compute precision (auto: mixed on GPUs, float32 on CPUs)")
+
+
+def generation_config(args: argparse.Namespace, attention: bool) -> GenerationConfig:
+    """The GenerationConfig of generation_options."""
+    if args.temperature is not None and args.beam_size is not None:
+        raise CaptioningError("--temperature/--beam-size", "choose sampling or beam search, not both")
+    try:
+        if args.beam_size is not None:
+            return GenerationConfig("beam", beam_size=args.beam_size, top_k=args.top_k, attention=attention)
+        if args.temperature is not None:
+            return GenerationConfig("sample", temperature=args.temperature, attention=attention, seed=args.seed)
+        return GenerationConfig("greedy", attention=attention)
+    except ValueError as err:
+        raise CaptioningError("generation options", str(err)) from None
+
+
+def network_options(parser: argparse.ArgumentParser, s3: bool = True) -> None:
+    """The address guard, timeouts and (when s3) the S3 endpoint."""
+    defaults = FetchConfig()
+    parser.add_argument("--allow-private-networks", action="store_true",
+                        help="let URLs reach private, loopback and link-local addresses (off by default)")
+    parser.add_argument("--allow-network", action="append", default=[], metavar="CIDR",
+                        help="let URLs reach this private network only (repeatable), e.g. 127.0.0.1/32")
+    parser.add_argument("--timeout", type=seconds, default=defaults.read_timeout,
+                        help=f"read timeout per request, seconds (default {defaults.read_timeout:g})")
+    parser.add_argument("--deadline", type=seconds, default=defaults.deadline,
+                        help=f"total seconds per request, retries and redirects included (default {defaults.deadline:g})")
+    if s3:
+        parser.add_argument("--s3-endpoint", default=None,
+                            help="S3-compatible endpoint for s3:// URIs (default: AWS_ENDPOINT_URL or AWS itself)")
+
+
+def fetch_config(args: argparse.Namespace) -> FetchConfig:
+    """The FetchConfig of network_options."""
+    return FetchConfig(read_timeout=args.timeout, deadline=args.deadline,
+                       allow_private_networks=args.allow_private_networks, allowed_networks=tuple(args.allow_network))
+
+
+def storage_config(args: argparse.Namespace) -> StorageConfig:
+    """The StorageConfig of network_options."""
+    return StorageConfig(s3_endpoint=getattr(args, "s3_endpoint", None))
+
+
+def ray_options(parser: argparse.ArgumentParser) -> None:
+    """Where a Ray job runs, and its progress bar."""
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster address (default: the cluster of a submitted job, else a local Ray)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+# The Ray jobs' option sets -----------------------------------------------------------------------------------
+
+def batch_options(parser: argparse.ArgumentParser) -> None:
+    """Options of `captioning batch` / `python -m jobs.batch`."""
+    parser.add_argument("--manifest", required=True, help="CSV/TSV/JSONL/Parquet or Conceptual Captions TSV (local/S3)")
+    parser.add_argument("--model", required=True, help="model bundle directory or s3:// prefix")
+    parser.add_argument("--output", required=True, help="output directory or s3:// prefix")
+    parser.add_argument("--format", default="auto")
+    parser.add_argument("--url-column", default="url")
+    parser.add_argument("--id-column", default=None)
+    parser.add_argument("--caption-column", default="caption", help="reference caption, kept in the output")
+    parser.add_argument("--shard-size", type=positive, default=256, help="rows per committed output shard")
+    parser.add_argument("--actors", type=positive, default=1, help="captioning actors (each loads the model once)")
+    parser.add_argument("--num-gpus", type=non_negative, default=0.0, help="GPUs per captioning actor")
+    parser.add_argument("--actor-cpus", type=non_negative, default=1.0, help="CPUs Ray reserves per captioning actor")
+    parser.add_argument("--inference-threads", type=positive, default=None,
+                        help="TensorFlow threads per captioning actor (default: all CPUs of its node)")
+    parser.add_argument("--fetch-threads", type=positive, default=32, help="concurrent requests per fetch task")
+    parser.add_argument("--no-attention", action="store_true", help="skip attention maps")
+    parser.add_argument("--attention-png", type=int, default=0, metavar="N",
+                        help="also write overlay PNGs for the first N manifest rows")
+    parser.add_argument("--retry-failed", action="store_true", help="redo only rows with transient failures")
+    parser.add_argument("--allow-local-files", action="store_true",
+                        help="also read rows that are local paths or file:// URIs (off: a URL job reads no local file)")
+    parser.add_argument("--allow-s3-sources", action="store_true",
+                        help="also read s3:// rows, with this job's credentials (off by default)")
+    parser.add_argument("--max-pixels", type=positive, default=BULK_IMAGE.max_pixels,
+                        help=f"refuse images with more pixels than this (default {BULK_IMAGE.max_pixels:,})")
+    parser.add_argument("--decode-memory", type=positive, default=512, metavar="MIB",
+                        help="decoded-image memory one fetch task may hold at once, MiB (default 512)")
+    ray_options(parser)
+    generation_options(parser)
+    network_options(parser)
+
+
+def bulk_config(args: argparse.Namespace) -> Any:
+    """The BulkConfig of batch_options."""
+    from captioning.bulk import BulkConfig  # noqa: PLC0415
+    from captioning.manifest import ManifestSpec  # noqa: PLC0415
+
+    return BulkConfig(
+        manifest=args.manifest, model=args.model, output=args.output,
+        spec=ManifestSpec(args.format, args.url_column, args.caption_column, args.id_column),
+        shard_size=args.shard_size, batch_size=args.batch_size, actors=args.actors, num_gpus=args.num_gpus,
+        inference_threads=args.inference_threads, actor_cpus=args.actor_cpus,
+        fetch_threads=args.fetch_threads, attention=not args.no_attention, attention_png=args.attention_png,
+        retry_failed=args.retry_failed, precision=args.precision, fetch=fetch_config(args),
+        allow_local_files=args.allow_local_files, allow_s3_sources=args.allow_s3_sources,
+        image=replace(BULK_IMAGE, max_pixels=args.max_pixels, max_decode_bytes=args.max_pixels * 8),
+        decode_memory=args.decode_memory * 1024 * 1024,
+        generation=generation_config(args, attention=not args.no_attention),
+        storage=storage_config(args),
+    )
+
+
+def features_options(parser: argparse.ArgumentParser) -> None:
+    """Options of `captioning features` / `python -m jobs.features`."""
+    defaults, model_defaults = TrainConfig(), ModelConfig()
+    parser.add_argument("--manifest", required=True, help="CSV/TSV/JSONL/Parquet or Conceptual Captions TSV (local/S3)")
+    parser.add_argument("--out", "--output", dest="output", required=True, help="output folder or s3:// prefix")
+    manifest_options(parser)
+    parser.add_argument("--weights", default=defaults.weights, help="backbone weights: imagenet, none, or a file")
+    parser.add_argument("--backbone", default=model_defaults.backbone)
+    parser.add_argument("--seed", type=int, default=0, help="seed of a --weights none backbone")
+    parser.add_argument("--shard-size", type=positive, default=256, help="rows per committed shard")
+    parser.add_argument("--batch-size", type=positive, default=64, help="images per backbone call")
+    parser.add_argument("--actors", type=positive, default=1, help="backbone actors (each loads it once)")
+    parser.add_argument("--num-gpus", type=non_negative, default=0.0, help="GPUs per backbone actor")
+    parser.add_argument("--actor-cpus", type=non_negative, default=1.0, help="CPUs Ray reserves per actor")
+    parser.add_argument("--fetch-threads", type=positive, default=32, help="concurrent reads per fetch task")
+    parser.add_argument("--allow-local-files", action="store_true",
+                        help="read local paths from a manifest on S3 (a local manifest's own files are read anyway)")
+    parser.add_argument("--allow-s3-sources", action="store_true",
+                        help="read s3:// rows from a local manifest (a manifest on S3 reads its own bucket anyway)")
+    parser.add_argument("--max-pixels", type=positive, default=BULK_IMAGE.max_pixels)
+    parser.add_argument("--decode-memory", type=positive, default=512, metavar="MIB")
+    ray_options(parser)
+    network_options(parser)
+
+
+def features_config(args: argparse.Namespace) -> Any:
+    """The FeaturesConfig of features_options."""
+    from captioning.featureset import FeaturesConfig  # noqa: PLC0415
+
+    return FeaturesConfig.reading_own_kind(
+        args.manifest, args.output, spec=manifest_spec(args), backbone=args.backbone, weights=args.weights,
+        seed=args.seed, shard_size=args.shard_size, batch_size=args.batch_size, actors=args.actors,
+        actor_cpus=args.actor_cpus, num_gpus=args.num_gpus, fetch_threads=args.fetch_threads,
+        allow_local_files=args.allow_local_files, allow_s3_sources=args.allow_s3_sources,
+        decode_memory=args.decode_memory * 1024 * 1024, fetch=fetch_config(args),
+        image=replace(BULK_IMAGE, max_pixels=args.max_pixels, max_decode_bytes=args.max_pixels * 8),
+        storage=storage_config(args))
+
+
+def train_options(parser: argparse.ArgumentParser) -> None:
+    """Options of `captioning train` / `python -m jobs.train`."""
+    parser.add_argument("--train", required=True, help="training manifest, or a feature set from `captioning features`")
+    parser.add_argument("--val", required=True, help="validation manifest or feature set")
+    parser.add_argument("--out", required=True, help="model folder or s3:// prefix (the same --out resumes a run)")
+    manifest_options(parser)
+    defaults, model_defaults, scaling = TrainConfig(), ModelConfig(), Scaling()
+    parser.add_argument("--weights", default=defaults.weights, help="backbone weights: imagenet, none, or a file")
+    parser.add_argument("--backbone", default=model_defaults.backbone)
+    parser.add_argument("--epochs", type=positive, default=defaults.epochs)
+    parser.add_argument("--batch-size", type=positive, default=defaults.batch_size,
+                        help="global batch: caption pairs per step over all workers (default %(default)s)")
+    parser.add_argument("--learning-rate", type=seconds, default=defaults.learning_rate,
+                        help="Adam learning rate, not scaled with the worker count (default %(default)s)")
+    parser.add_argument("--patience", type=positive, default=defaults.patience)
+    parser.add_argument("--steps-per-epoch", type=positive, default=None)
+    parser.add_argument("--max-seconds", type=seconds, default=None, help="stop after the epoch that uses this up")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--shuffle-buffer", type=positive, default=defaults.shuffle_buffer,
+                        help="caption pairs mixed per worker (about 56 KiB each; default %(default)s)")
+    parser.add_argument("--checkpoint-every", type=positive, default=None, metavar="STEPS",
+                        help="also checkpoint every this many steps (default: at each epoch end only)")
+    parser.add_argument("--cache-dir", default=None, help="where features of manifests go (default: <out>/features)")
+    parser.add_argument("--vocab-size", type=positive, default=model_defaults.vocab_size)
+    parser.add_argument("--max-length", type=positive, default=model_defaults.max_length)
+    parser.add_argument("--d-model", type=positive, default=model_defaults.d_model)
+    parser.add_argument("--layers", type=positive, default=model_defaults.num_layers)
+    parser.add_argument("--heads", type=positive, default=model_defaults.num_heads)
+    parser.add_argument("--dropout", type=float, default=model_defaults.dropout)
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="decoder compute precision (auto: mixed on GPUs, float16 with loss scaling; float32 on CPUs)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="Ray Train workers (0: train in this process, the default)")
+    parser.add_argument("--gpus-per-worker", type=non_negative, default=scaling.gpus_per_worker)
+    parser.add_argument("--cpus-per-worker", type=non_negative, default=scaling.cpus_per_worker)
+    parser.add_argument("--max-failures", type=int, default=scaling.max_failures,
+                        help="worker failures a Ray run recovers from (default %(default)s)")
+    parser.add_argument("--keep-checkpoints", type=positive, default=scaling.keep_checkpoints,
+                        help="Ray checkpoints kept, the lowest val_loss first (default %(default)s)")
+    ray_options(parser)
+    network_options(parser)
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of train_options."""
+    if args.d_model % args.heads:
+        raise CaptioningError("--d-model", f"{args.d_model} is not divisible by --heads {args.heads}")
+    model = ModelConfig(vocab_size=args.vocab_size, max_length=args.max_length, d_model=args.d_model,
+                        num_layers=args.layers, num_heads=args.heads, dropout=args.dropout, backbone=args.backbone)
+    return TrainConfig(model=model, weights=args.weights, epochs=args.epochs, batch_size=args.batch_size,
+                       learning_rate=args.learning_rate, patience=args.patience, seed=args.seed,
+                       shuffle_buffer=args.shuffle_buffer, checkpoint_every=args.checkpoint_every,
+                       precision=args.precision, max_seconds=args.max_seconds, cache_dir=args.cache_dir,
+                       steps_per_epoch=args.steps_per_epoch, fetch=fetch_config(args), storage=storage_config(args))
+
+
+def scaling(args: argparse.Namespace) -> Scaling:
+    """The Scaling of train_options (workers 0: this process)."""
+    if args.workers < 0:
+        raise CaptioningError("--workers", f"expected 0 (this process) or more, got {args.workers}")
+    return Scaling(args.workers, args.gpus_per_worker, args.cpus_per_worker, args.max_failures, args.keep_checkpoints)
+
+
+def job_parser(prog: str, description: str, options: Callable[[argparse.ArgumentParser], None]) \
+        -> argparse.ArgumentParser:
+    """The parser of a job entrypoint (`python -m jobs.NAME`): the local command's very options."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    options(parser)
+    return parser

@@ -1,0 +1,59 @@
+"""`captioning data synthetic|flickr8k|conceptual-captions`: make or download datasets."""
+
+from __future__ import annotations
+
+import argparse
+
+from captioning.options import fetch_config, log, network_options
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add the data command group."""
+    data = commands.add_parser("data", help="generate or download datasets").add_subparsers(dest="dataset", required=True)
+    synthetic = data.add_parser("synthetic", help="deterministic synthetic captioned scenes")
+    synthetic.add_argument("--out", required=True)
+    synthetic.add_argument("--train", type=int, default=2000)
+    synthetic.add_argument("--val", type=int, default=200)
+    synthetic.add_argument("--test", type=int, default=0)
+    synthetic.add_argument("--seed", type=int, default=0)
+    synthetic.set_defaults(handler=run_synthetic)
+    flickr = data.add_parser("flickr8k", help="download Flickr8k and write train/val/test manifests")
+    flickr.add_argument("--out", required=True)
+    flickr.add_argument("--base-url", default=None, help="mirror of the Flickr8k zips")
+    network_options(flickr, s3=False)
+    flickr.set_defaults(handler=run_flickr8k)
+    cc = data.add_parser("conceptual-captions", help="download Conceptual Captions images from the TSV")
+    cc.add_argument("--out", required=True)
+    cc.add_argument("--split", choices=["train", "validation"], default="validation")
+    cc.add_argument("--limit", type=int, default=None, help="only the first N rows")
+    cc.add_argument("--workers", type=int, default=32)
+    cc.add_argument("--base-url", default=None, help="mirror of the gcc-data bucket")
+    network_options(cc, s3=False)
+    cc.set_defaults(handler=run_conceptual_captions)
+
+
+def run_synthetic(args: argparse.Namespace) -> int:
+    """captioning data synthetic."""
+    from captioning.datasets import synthetic  # noqa: PLC0415
+
+    splits = {"train": args.train, "val": args.val, **({"test": args.test} if args.test else {})}
+    for split, path in synthetic.generate(args.out, splits, seed=args.seed).items():
+        log(f"{split}: {path}")
+    return 0
+
+
+def run_flickr8k(args: argparse.Namespace) -> int:
+    """captioning data flickr8k."""
+    from captioning.datasets import flickr8k  # noqa: PLC0415
+
+    flickr8k.download(args.out, args.base_url or flickr8k.DEFAULT_BASE_URL, fetch_config(args), log=log)
+    return 0
+
+
+def run_conceptual_captions(args: argparse.Namespace) -> int:
+    """captioning data conceptual-captions."""
+    from captioning.datasets import conceptual_captions as cc  # noqa: PLC0415
+
+    cc.download(args.out, args.split, args.limit, args.base_url or cc.DEFAULT_BASE_URL, fetch_config(args),
+                workers=args.workers, log=log)
+    return 0

@@ -1,0 +1,88 @@
+"""`captioning caption` and `captioning evaluate`: a model bundle on images, in this process."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from captioning.config import ImageConfig
+from captioning.options import (fetch_config, generation_config, generation_options, log, manifest_options,
+                                manifest_spec, network_options, storage_config)
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add caption and evaluate."""
+    caption = commands.add_parser("caption", help="caption images or URLs with a model directory")
+    caption.add_argument("model")
+    caption.add_argument("sources", nargs="+", metavar="IMAGE_OR_URL")
+    caption.add_argument("--attention-plot", default=None, metavar="OUT.png",
+                         help="word-by-word attention grid (OUT-N.png per image when several)")
+    caption.add_argument("--json", action="store_true", help="one JSON object per line")
+    generation_options(caption)
+    network_options(caption)
+    caption.set_defaults(handler=run_caption)
+
+    evaluate = commands.add_parser("evaluate", help="BLEU, CIDEr and METEOR on a captioned manifest")
+    evaluate.add_argument("model")
+    evaluate.add_argument("manifest")
+    evaluate.add_argument("--out", required=True, help="report JSON")
+    evaluate.add_argument("--no-meteor", action="store_true", help="skip METEOR (it needs Java)")
+    manifest_options(evaluate)
+    generation_options(evaluate)
+    network_options(evaluate)
+    evaluate.set_defaults(handler=run_evaluate)
+
+
+def run_caption(args: argparse.Namespace) -> int:
+    """captioning caption: one line per source, errors on stderr."""
+    from captioning.bundle import load_bundle  # noqa: PLC0415
+    from captioning.fetch import Fetcher  # noqa: PLC0415
+    from captioning.inference import caption_sources  # noqa: PLC0415
+    from captioning.plots import plot_attention  # noqa: PLC0415
+    from captioning.storage import Storage  # noqa: PLC0415
+
+    storage = Storage(storage_config(args))
+    bundle = load_bundle(args.model, precision=args.precision, storage=storage)
+    plot = args.attention_plot
+    generation = generation_config(args, attention=bool(plot))
+    results = caption_sources(bundle, args.sources, generation, ImageConfig(), Fetcher(fetch_config(args)),
+                              args.batch_size, keep_images=bool(plot), storage=storage)
+    failed = 0
+    for index, result in enumerate(results):
+        if result.error:
+            failed += 1
+            print(f"error: {result.error}", file=sys.stderr)
+            continue
+        if args.json:
+            log(json.dumps({"source": result.source, "caption": result.caption, "score": result.score,
+                            "alternatives": result.alternatives}))
+        else:
+            log(f"{result.source}\t{result.caption}")
+            for alternative, score in (result.alternatives or [])[1:]:
+                log(f"  alt ({score:.3f})\t{alternative}")
+        if plot:
+            out = Path(plot) if len(args.sources) == 1 else Path(plot).with_name(f"{Path(plot).stem}-{index}.png")
+            plot_attention(result.image, result.caption.split(), result.attention, out, result.caption)
+    return 1 if failed else 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """captioning evaluate: writes the report, prints the scores."""
+    from captioning.bundle import load_bundle  # noqa: PLC0415
+    from captioning.evaluate import evaluate, format_scores  # noqa: PLC0415
+    from captioning.fetch import Fetcher  # noqa: PLC0415
+    from captioning.manifest import read_manifest  # noqa: PLC0415
+    from captioning.storage import Storage  # noqa: PLC0415
+
+    storage = Storage(storage_config(args))
+    bundle = load_bundle(args.model, precision=args.precision, storage=storage)
+    manifest = read_manifest(args.manifest, manifest_spec(args), storage=storage)
+    report = evaluate(bundle, manifest, generation_config(args, attention=False), ImageConfig(),
+                      Fetcher(fetch_config(args)), args.batch_size, meteor=not args.no_meteor, log=log,
+                      storage=storage)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    log(format_scores(report["scores"]))
+    return 1 if report["failures"] else 0

@@ -1,0 +1,94 @@
+"""cluster/ checked offline: the launcher config against Ray's own schema, the KubeRay manifests and the Dockerfile
+structurally (the KubeRay CRD schemas are not reachable from here), the job entrypoints they name parse."""
+
+import re
+import shlex
+import subprocess
+import tomllib
+from pathlib import Path
+
+import yaml
+
+from jobs.submit import check_args
+
+ROOT = Path(__file__).resolve().parent.parent
+CLUSTER = ROOT / "cluster"
+PINNED = {re.split(r"[\[=]", d)[0]: d.split("==")[1]
+          for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+
+
+def load(name: str) -> list[dict]:
+    return list(yaml.safe_load_all((CLUSTER / name).read_text()))
+
+
+def test_the_aws_launcher_config_passes_rays_schema_and_runs_the_image_with_token_auth():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    (config,) = load("aws.yaml")
+    validate_config(prepare_config(config))  # Ray's own ray-schema.json, after Ray fills in its defaults
+    head = config["available_node_types"][config["head_node_type"]]
+    assert head["resources"] == {"CPU": 0}  # drivers only
+    workers = [t for name, t in config["available_node_types"].items() if name != config["head_node_type"]]
+    assert any(t["node_config"]["InstanceType"].startswith(("g", "p")) and t["min_workers"] == 0 < t["max_workers"]
+               for t in workers)
+    assert config["docker"]["image"].endswith(":" + tomllib.loads((ROOT / "pyproject.toml").read_text())
+                                              ["project"]["version"])
+    assert "--gpus all" in config["docker"]["worker_run_options"]
+    for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        assert any("RAY_AUTH_MODE=token ray start" in c for c in commands)
+    assert any(path.endswith("/.ray/auth_token") for path in config["file_mounts"])
+    assert "AWS_SECRET_ACCESS_KEY" not in (CLUSTER / "aws.yaml").read_text()
+
+
+def containers(spec: dict) -> list[dict]:
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    return [c for g in groups for c in g["template"]["spec"]["containers"]]
+
+
+def test_kuberay_manifests_token_and_s3_from_secrets_gpu_workers_and_one_cluster_spec():
+    (cluster,) = load("kuberay/raycluster.yaml")
+    (job,) = load("kuberay/rayjob.yaml")
+    secrets = {s["metadata"]["name"]: set(s["stringData"]) for s in load("kuberay/secrets.example.yaml")}
+    assert (cluster["apiVersion"], cluster["kind"]) == ("ray.io/v1", "RayCluster")
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    spec = cluster["spec"]
+    assert spec["rayVersion"] == PINNED["ray"] and spec["enableInTreeAutoscaling"] is True
+    assert job["spec"]["rayClusterSpec"] == spec  # the job's cluster is the same cluster
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    gpu = [g for g in spec["workerGroupSpecs"] if "nvidia.com/gpu" in
+           g["template"]["spec"]["containers"][0]["resources"]["limits"]]
+    assert gpu and gpu[0]["minReplicas"] == 0 < gpu[0]["maxReplicas"]
+    submitter = job["spec"]["submitterPodTemplate"]["spec"]["containers"]
+    for container in containers(spec) + submitter:
+        env = {e["name"]: e for e in container["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token"
+        ref = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+        assert ref["key"] in secrets[ref["name"]]
+        assert container["image"] == "REGISTRY/captioning:0.1.0"
+    for container in containers(spec):
+        env = {e["name"]: e for e in container["env"]}
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            ref = env[name]["valueFrom"]["secretKeyRef"]  # from a Secret, never a literal value
+            assert ref["key"] in secrets[ref["name"]]
+    command = shlex.split(job["spec"]["entrypoint"])
+    assert command[:3] == ["python", "-m", "jobs.batch"]
+    check_args("batch", command[3:])  # the job's options parse as `captioning batch`'s
+
+
+def test_the_dockerfile_installs_the_pinned_gpu_dependencies_and_every_package():
+    text = (CLUSTER / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.11", text, re.M)
+    assert "pip install --no-cache-dir '.[gpu]'" in text and "USER ray" in text and "wget" in text
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    for package in packages:
+        name = package.rstrip("*")
+        assert f"COPY {name} ./{name}" in text, name
+
+
+def test_the_dev_cluster_script_is_valid_bash_that_runs_the_tested_module():
+    script = CLUSTER / "dev-cluster.sh"
+    assert script.stat().st_mode & 0o111
+    assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
+    assert "-m jobs.devcluster" in script.read_text()
+    done = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0 and "up" in done.stdout and "down" in done.stdout

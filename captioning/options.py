@@ -35,6 +35,12 @@ def guarded(command: Callable[[], int]) -> int:
         return 130
 
 
+def show_progress(args: argparse.Namespace) -> bool:
+    """Progress bars on a terminal, unless --no-progress; never in a log file or a submitted job's log, where
+    every redraw would be a line."""
+    return not args.no_progress and sys.stderr.isatty()
+
+
 def positive(text: str) -> int:
     """argparse type: a whole number of at least 1."""
     if not text.isdigit() or int(text) < 1:

@@ -222,6 +222,19 @@ class Storage:
                 raise
         return response["ETag"]
 
+    def check_writable(self, prefix: str) -> None:
+        """Write and delete a probe under prefix: a run fails on credentials or a missing bucket before its work,
+        not after it."""
+        if not is_s3(prefix):
+            local_path(prefix).mkdir(parents=True, exist_ok=True)
+            return
+        probe = f"{prefix.rstrip('/')}/.write-probe-{os.getpid()}"
+        try:
+            self.write_bytes(probe, b"")
+            self.delete(probe)
+        except StorageError as err:
+            raise StorageError(prefix, f"cannot write here: {err.message}", err.reason) from None
+
     def describe(self, uri: str) -> dict[str, int | str]:
         """Size and a content fingerprint (local: sha256; S3: the ETag), to tell whether a file changed."""
         if not is_s3(uri):

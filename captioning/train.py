@@ -246,6 +246,7 @@ def train(
     """Train in this process and write the bundle to out, a folder or s3:// prefix (resuming when it holds a
     checkpoint). Sources are manifests (features are made here first) or feature sets."""
     out = str(out)
+    Storage(config.storage).check_writable(out)
     local = staging_dir(out) if is_s3(out) else local_path(out)
     local.mkdir(parents=True, exist_ok=True)
     feature_root = config.cache_dir or str(local / "features")

@@ -122,7 +122,11 @@ def run_stop(args: argparse.Namespace) -> int:
     log(f"{args.job_id}: " + ("stop requested" if stopped else "had already ended"))
     records = _records(args)
     if records:
-        records.update(args.job_id, *cluster.status(args.job_id))
+        try:  # a stop takes a moment: record the end, not the RUNNING before it
+            state, message = cluster.wait(args.job_id, timeout=60)
+        except CaptioningError:
+            state, message = cluster.status(args.job_id)
+        records.update(args.job_id, state, message)
     return 0
 
 

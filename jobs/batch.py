@@ -15,7 +15,7 @@ from captioning.bulk import BulkConfig, CaptionShard, check_ranges, fetch_shard,
 from captioning.errors import CaptioningError
 from captioning.featureset import FeaturesConfig
 from captioning.lease import Lease
-from captioning.options import batch_options, bulk_config, guarded, job_parser, log
+from captioning.options import batch_options, bulk_config, guarded, job_parser, log, show_progress
 from captioning.stage_timings import stage_report
 from captioning.storage import Storage
 from jobs.ray_setup import TASK_CPUS, connect
@@ -114,7 +114,7 @@ def summarise(config: BulkConfig, storage: Storage, total_rows: int, shards_tota
 
 def command(args: argparse.Namespace) -> int:
     """`captioning batch` and `python -m jobs.batch`: one run from the parsed options."""
-    run(bulk_config(args), address=args.address, log=log, progress=not args.no_progress)
+    run(bulk_config(args), address=args.address, log=log, progress=show_progress(args))
     return 0  # every row is committed; failed rows are output rows with their status, not a failed job
 
 

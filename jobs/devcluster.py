@@ -74,6 +74,8 @@ class RayHead:
                 *([f"--num-cpus={self.cpus}"] if self.cpus else [])]
         head_env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in ("RAY_AUTH_TOKEN", "RAY_ADDRESS")}
         head_env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_file)})
+        # A job's entrypoint says `python`: this environment's, with the project's pinned dependencies.
+        head_env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), head_env.get("PATH", "")])
         log_file = open(self.folder / "ray-head.log", "ab")  # noqa: SIM115  (owned by the child process)
         self.process = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=head_env,
                                         start_new_session=True)
@@ -166,7 +168,7 @@ def up(folder: Path, cpus: int | None, buckets: list[str]) -> int:
             f"{head.token_file})")
         for key, value in shown.items():
             log(f"  export {key}={value}")
-        log("stop with Ctrl+C here, or: python -m jobs.devcluster down --dir " + str(folder))
+        log(f"stop with Ctrl+C here, or: cluster/dev-cluster.sh down --dir {folder}")
         while head.process.poll() is None and storage.process.poll() is None:
             time.sleep(1.0)
         raise CaptioningError(str(folder), "the Ray head or SeaweedFS exited; see ray-head.log and s3/weed.log")

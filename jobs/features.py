@@ -17,7 +17,7 @@ from captioning.bulk import fetch_shard, plan_shards, uri
 from captioning.errors import CaptioningError
 from captioning.featureset import EmbedShard, FeaturesConfig, prepare_backbone, summarise, write_feature_shard
 from captioning.lease import Lease
-from captioning.options import features_config, features_options, guarded, job_parser, log
+from captioning.options import features_config, features_options, guarded, job_parser, log, show_progress
 from captioning.storage import Storage
 from jobs.batch import check_cpus
 from jobs.ray_setup import TASK_CPUS, connect
@@ -79,7 +79,7 @@ def _run(config: FeaturesConfig, storage: Storage, address: str | None, log: Cal
 
 def command(args: argparse.Namespace) -> int:
     """`captioning features` and `python -m jobs.features`: one run from the parsed options."""
-    run(features_config(args), address=args.address, log=log, progress=not args.no_progress)
+    run(features_config(args), address=args.address, log=log, progress=show_progress(args))
     return 0  # every row is committed; failed rows are recorded with their status, not a failed job
 
 

@@ -287,7 +287,7 @@ class Cluster:
     def status(self, job_id: str) -> tuple[str, str]:
         """A job's state and Ray's message about it."""
         info = self._call(lambda: self.client.get_job_info(job_id))
-        return str(info.status.value if hasattr(info.status, "value") else info.status), info.message or ""
+        return str(info.status.value if hasattr(info.status, "value") else info.status), headline(info.message)
 
     def logs(self, job_id: str) -> str:
         """A job's whole log so far, secrets redacted."""
@@ -327,7 +327,13 @@ class Cluster:
                    "name": meta.get("job_name", ""), "state": status, "submitted_at": meta.get("submitted_at", started),
                    "commit": meta.get("source_commit", "")[:12]
                    + ("+dirty" if meta.get("source_dirty") == "true" else ""),
-                   "message": redact(info.message or "")}
+                   "message": headline(info.message)}
+
+
+def headline(message: str | None) -> str:
+    """Ray's job message without the log it appends on failure (the log is `jobs logs`' to show), redacted."""
+    first = (message or "").strip().splitlines()[0] if (message or "").strip() else ""
+    return redact(re.sub(r",? last available logs.*$", "", first))
 
 
 def _client(address: str, headers: dict[str, str]) -> Any:
@@ -336,7 +342,9 @@ def _client(address: str, headers: dict[str, str]) -> Any:
     from ray.job_submission import JobSubmissionClient  # noqa: PLC0415
 
     # The SDK logs every package upload and websocket close at INFO: our own lines say what happened.
-    logging.getLogger("ray.dashboard").setLevel(logging.WARNING)
+    for name in ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk",
+                 "ray._private.runtime_env.packaging"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     # The SDK lets RAY_API_SERVER_ADDRESS / RAY_ADDRESS override the address it is given; ours is already resolved.
     saved = {name: os.environ.pop(name) for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if name in os.environ}
     try:

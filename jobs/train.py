@@ -19,7 +19,7 @@ from typing import Any, Callable
 from captioning.config import Scaling, TrainConfig
 from captioning.errors import CaptioningError
 from captioning.manifest import ManifestSpec
-from captioning.options import guarded, job_parser, log, manifest_spec, train_config, train_options
+from captioning.options import guarded, job_parser, log, manifest_spec, show_progress, train_config, train_options
 from captioning.options import scaling as scaling_of
 from captioning.storage import Storage, absolute, is_s3
 from jobs.ray_setup import connect
@@ -88,6 +88,7 @@ def run(train_source: str, val_source: str, out: str, config: TrainConfig, scali
 
     out = out if is_s3(out) else absolute(out)
     storage = Storage(config.storage)
+    storage.check_writable(out)  # before the cluster, the features and the epochs
     connect(address, log_to_driver=True)
     train_source = train_source if is_s3(train_source) else absolute(str(train_source))
     val_source = val_source if is_s3(val_source) else absolute(str(val_source))
@@ -140,13 +141,13 @@ def command(args: argparse.Namespace) -> int:
     config, scale, spec = train_config(args), scaling_of(args), manifest_spec(args)
     if scale.workers:
         result = run(args.train, args.val, args.out, config, scale, spec, args.address, log=log,
-                     progress=not args.no_progress)
+                     progress=show_progress(args))
         log(f"model {result['version']} written to {args.out} (best epoch {result['best_epoch']}, "
             f"{result['restores']} restore(s))")
         return 0
     from captioning.train import train  # noqa: PLC0415
 
-    done = train(args.train, args.val, args.out, config, spec, progress=not args.no_progress, log=log)
+    done = train(args.train, args.val, args.out, config, spec, progress=show_progress(args), log=log)
     log(f"model {done.version} written to {done.bundle} (best epoch {done.best_epoch})")
     return 0
 

@@ -136,3 +136,21 @@ def test_a_misread_manifest_stops_before_any_work(trained_bundle, tmp_path, caps
     assert "first 2 rows are all malformed" in err and "'url'" in err and "--url-column" in err
     # Nothing was planned, so the corrected command starts cleanly into the same output.
     assert not (tmp_path / "out" / "_plan.json").exists() and not (tmp_path / "out" / "_input").exists()
+
+
+def test_progress_bars_only_on_a_terminal(monkeypatch):
+    import argparse
+    import io
+    import sys
+
+    from captioning.options import show_progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert show_progress(argparse.Namespace(no_progress=False))
+    assert not show_progress(argparse.Namespace(no_progress=True))
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # a log file, a submitted job's log
+    assert not show_progress(argparse.Namespace(no_progress=False))

@@ -191,3 +191,16 @@ def test_the_time_budget_stops_every_worker_when_any_workers_clock_says_so():
     state = TrainState(epoch=1)
     alone.on_epoch_end(state, {})
     assert state.stop is None
+
+
+def test_an_output_that_cannot_be_written_fails_before_any_training(seaweed, feature_sets, monkeypatch):
+    from captioning.storage import StorageError
+
+    for name, value in seaweed.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    logs = []
+    with pytest.raises(StorageError, match="s3://outputs/m: cannot write here: access denied"):
+        train(feature_sets["train"], feature_sets["val"], "s3://outputs/m", tiny_config(), progress=False,
+              log=logs.append)
+    assert not any(line.startswith("epoch") or "training on" in line for line in logs), logs

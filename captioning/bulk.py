@@ -45,7 +45,7 @@ OUTPUT_SCHEMA = pa.schema([
     ("score", pa.float32()), ("status", pa.string()), ("error", pa.string()), ("width", pa.int32()),
     ("height", pa.int32()), ("fetch_seconds", pa.float32()), ("decode_seconds", pa.float32()),
     ("inference_seconds", pa.float32()),
-    ("model_version", pa.string()), ("reference", pa.string()), ("attention_file", pa.string()),
+    ("model_version", pa.string()), ("model", pa.string()), ("reference", pa.string()), ("attention_file", pa.string()),
     ("attention_offset", pa.int64()), ("attention_length", pa.int32()), ("attention_png", pa.string()),
 ])
 SCHEMA_FIELDS = tuple(OUTPUT_SCHEMA.names)
@@ -82,10 +82,19 @@ class BulkConfig:
     image: ImageConfig = field(default_factory=lambda: BULK_IMAGE)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    model_ref: str = ""  # the --model as resolved once (registry+URI@vNNNN), kept in every row; "": model itself
 
     def with_absolute_paths(self) -> "BulkConfig":
         """The same run with local manifest/model/output paths made absolute, as Ray workers need."""
-        return replace(self, manifest=absolute(self.manifest), model=absolute(self.model), output=absolute(self.output))
+        return replace(self, manifest=absolute(self.manifest), model=absolute(self.model), output=absolute(self.output),
+                       model_ref=self.model_ref or absolute(self.model))
+
+    def resolved(self, storage: Storage) -> "BulkConfig":
+        """The same run with a registry --model resolved, once, to one version's bundle."""
+        from captioning.registry import resolve_model  # noqa: PLC0415
+
+        found = resolve_model(self.model, storage)
+        return replace(self, model=found.bundle, model_ref=found.ref)
 
     def plan_extra(self) -> dict[str, Any]:
         """Nothing beyond the shared plan fields decides a bulk run's shards."""
@@ -396,6 +405,7 @@ def write_shard(item: dict[str, Any], config: BulkConfig) -> dict[str, Any]:
     for row in json.loads(item["rows"]):
         has_map = row.get("attention_length") is not None
         fresh.append({**{k: None for k in SCHEMA_FIELDS}, **row, "model_version": item["model_version"],
+                      "model": config.model_ref or config.model,
                       "attention_file": attention_file if has_map else None})
     rows = sorted(json.loads(item["kept"]) + fresh, key=lambda r: r["row"])
     rows = [{k: r.get(k) for k in SCHEMA_FIELDS} for r in rows]
@@ -409,6 +419,7 @@ def write_shard(item: dict[str, Any], config: BulkConfig) -> dict[str, Any]:
     statuses = [r["status"] for r in rows]
     first, last = json.loads(item["range"])
     marker = {"shard": shard, "rows": len(rows), "statuses": statuses, "model_version": item["model_version"],
+              "model": config.model_ref or config.model,
               "first_row": first, "last_row": last,  # positions in the manifest, checked before _SUCCESS.json
               "attempt": attempt, "committed": time.time(),
               "images": sum(r["caption"] is not None for r in fresh),  # captioned in this attempt

@@ -152,7 +152,8 @@ def ray_options(parser: argparse.ArgumentParser) -> None:
 def batch_options(parser: argparse.ArgumentParser) -> None:
     """Options of `captioning batch` / `python -m jobs.batch`."""
     parser.add_argument("--manifest", required=True, help="CSV/TSV/JSONL/Parquet or Conceptual Captions TSV (local/S3)")
-    parser.add_argument("--model", required=True, help="model bundle directory or s3:// prefix")
+    parser.add_argument("--model", required=True, help="model bundle directory or s3:// prefix, or "
+                        "registry+URI[@vNNNN]: the registry's current version (resolved once, kept in every row)")
     parser.add_argument("--output", required=True, help="output directory or s3:// prefix")
     parser.add_argument("--format", default="auto")
     parser.add_argument("--url-column", default="url")

@@ -15,7 +15,7 @@ from captioning.options import (fetch_config, generation_config, generation_opti
 def register(commands: argparse._SubParsersAction) -> None:
     """Add caption and evaluate."""
     caption = commands.add_parser("caption", help="caption images or URLs with a model directory")
-    caption.add_argument("model")
+    caption.add_argument("model", help="bundle folder, s3:// prefix, or registry+URI[@vNNNN] (its current version)")
     caption.add_argument("sources", nargs="+", metavar="IMAGE_OR_URL")
     caption.add_argument("--attention-plot", default=None, metavar="OUT.png",
                          help="word-by-word attention grid (OUT-N.png per image when several)")
@@ -25,7 +25,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     caption.set_defaults(handler=run_caption)
 
     evaluate = commands.add_parser("evaluate", help="BLEU, CIDEr and METEOR on a captioned manifest")
-    evaluate.add_argument("model")
+    evaluate.add_argument("model", help="bundle folder, s3:// prefix, or registry+URI[@vNNNN]")
     evaluate.add_argument("manifest")
     evaluate.add_argument("--out", required=True, help="report JSON")
     evaluate.add_argument("--no-meteor", action="store_true", help="skip METEOR (it needs Java)")
@@ -33,6 +33,17 @@ def register(commands: argparse._SubParsersAction) -> None:
     generation_options(evaluate)
     network_options(evaluate)
     evaluate.set_defaults(handler=run_evaluate)
+
+
+def _model(model: str, storage) -> str:  # noqa: ANN001
+    """The bundle to load: --model as given, or a registry's current (or pinned) version, resolved once."""
+    from captioning.registry import is_registry_ref, resolve_model  # noqa: PLC0415
+
+    if not is_registry_ref(model):
+        return model
+    found = resolve_model(model, storage)
+    print(f"model {found.ref}", file=sys.stderr)
+    return found.bundle
 
 
 def run_caption(args: argparse.Namespace) -> int:
@@ -44,7 +55,7 @@ def run_caption(args: argparse.Namespace) -> int:
     from captioning.storage import Storage  # noqa: PLC0415
 
     storage = Storage(storage_config(args))
-    bundle = load_bundle(args.model, precision=args.precision, storage=storage)
+    bundle = load_bundle(_model(args.model, storage), precision=args.precision, storage=storage)
     plot = args.attention_plot
     generation = generation_config(args, attention=bool(plot))
     results = caption_sources(bundle, args.sources, generation, ImageConfig(), Fetcher(fetch_config(args)),
@@ -77,7 +88,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from captioning.storage import Storage  # noqa: PLC0415
 
     storage = Storage(storage_config(args))
-    bundle = load_bundle(args.model, precision=args.precision, storage=storage)
+    bundle = load_bundle(_model(args.model, storage), precision=args.precision, storage=storage)
     manifest = read_manifest(args.manifest, manifest_spec(args), storage=storage)
     report = evaluate(bundle, manifest, generation_config(args, attention=False), ImageConfig(),
                       Fetcher(fetch_config(args)), args.batch_size, meteor=not args.no_meteor, log=log,

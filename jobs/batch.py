@@ -25,8 +25,10 @@ from jobs.ray_setup import TASK_CPUS, connect
 def run(config: BulkConfig, address: str | None = None, log: Callable[[str], None] = print,
         progress: bool = True) -> dict:
     """Caption every manifest row into config.output exactly once; returns the _SUCCESS summary."""
-    config = config.with_absolute_paths()
     storage = Storage(config.storage)
+    config = config.resolved(storage).with_absolute_paths()
+    if config.model_ref.startswith("registry+"):
+        log(f"model {config.model_ref}")
     # One run per output at a time: a second one refuses at once, naming the first.
     with Lease(storage, uri(config.output, "_lease.json"), stale_after=config.lease_stale_after, log=log,
                what="captioning batch run"):
@@ -107,7 +109,8 @@ def summarise(config: BulkConfig, storage: Storage, total_rows: int, shards_tota
                "rows_processed_this_run": processed, "wall_seconds": seconds,
                "rows_per_second": processed / seconds if seconds else 0.0, "stages": stages,
                "model_versions": sorted({m["model_version"] for m in markers}), "manifest": config.manifest,
-               "model": config.model, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+               "model": config.model, "model_ref": config.model_ref,
+               "models": sorted({m.get("model") or "" for m in markers} - {""}), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     storage.write_bytes(uri(config.output, "_SUCCESS.json"), json.dumps(summary, indent=2).encode())
     return summary
 

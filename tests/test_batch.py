@@ -70,12 +70,19 @@ def manifest_file(tmp_path, urls, with_bad_row=True):
 def test_every_row_once_with_its_status_local_output(served, ray_session, trained_bundle, tmp_path):
     from jobs.batch import run
 
+    from captioning.registry import Registry, add_bundle
+
     server, expected = served
     manifest = manifest_file(tmp_path, list(expected))
-    config = BulkConfig(manifest, str(trained_bundle), str(tmp_path / "out"), ManifestSpec(image_column="url", id_column="id"),
+    # The model comes from a registry: resolved once, and every row says which version captioned it.
+    registry = Registry(str(tmp_path / "registry"))
+    registry.promote(add_bundle(registry, str(trained_bundle), {}), "for this test")
+    ref = f"registry+{tmp_path / 'registry'}"
+    config = BulkConfig(manifest, ref, str(tmp_path / "out"), ManifestSpec(image_column="url", id_column="id"),
                         shard_size=8, batch_size=4, fetch=LOOPBACK_ONLY, attention_png=3)
     summary = run(config, log=lambda _: None, progress=False)
     rows = list(read_output(str(tmp_path / "out")))
+    assert {r["model"] for r in rows} == {f"{ref}@v0001"} and summary["models"] == [f"{ref}@v0001"]
     assert len(rows) == len(expected) + 1 == summary["rows"]  # the malformed row too
     assert len({r["row"] for r in rows}) == len(rows)
     by_url = {r["url"]: r for r in rows}

@@ -106,13 +106,15 @@ def test_no_usable_images_is_an_error(synthetic_data, tmp_path):
               tiny_config(), progress=False, log=quiet)
 
 
-def test_masked_loss_ignores_padding_and_takes_float_labels():
+def test_masked_loss_scores_neither_padding_nor_out_of_vocabulary_words_and_takes_float_labels():
     import tensorflow as tf
 
-    logits = tf.math.log(tf.constant([[[0.1, 0.9, 0.0001], [0.5, 0.25, 0.25]]]))
-    loss, count, correct = masked_loss(tf.constant([[1.0, 0.0]]), logits)  # second label is padding
+    # ids: 0 padding, 1 [UNK], 2 [START], 3 [END], 4 a word. [UNK] is banned in the output (logit -1e9).
+    probs = tf.constant([[[0.05, 0.0, 0.05, 0.1, 0.8]] * 3])
+    logits = tf.where(tf.range(5) == 1, -1e9, tf.math.log(tf.maximum(probs, 1e-12)))
+    loss, count, correct = masked_loss(tf.constant([[4.0, 1.0, 0.0]]), logits)  # a word, [UNK], padding
     assert float(count) == 1 and float(correct) == 1
-    np.testing.assert_allclose(float(loss), -np.log(0.9 / 1.0001), rtol=1e-4)
+    np.testing.assert_allclose(float(loss), -np.log(0.8), rtol=1e-4)  # not ~1e9 for the [UNK] label
 
 
 def test_a_checkpoint_every_k_steps_resumes_mid_epoch_after_the_steps_done(feature_sets, tmp_path):
@@ -204,3 +206,19 @@ def test_an_output_that_cannot_be_written_fails_before_any_training(seaweed, fea
         train(feature_sets["train"], feature_sets["val"], "s3://outputs/m", tiny_config(), progress=False,
               log=logs.append)
     assert not any(line.startswith("epoch") or "training on" in line for line in logs), logs
+
+
+def test_a_vocabulary_smaller_than_the_data_keeps_losses_honest(feature_sets, tmp_path):
+    # Real data sets have more words than the vocabulary; the synthetic scenes (~40 words) hide that. With 12
+    # tokens (8 words) most caption words are [UNK]: the loss must stay a per-word cross-entropy, not ~1e9.
+    from dataclasses import replace
+
+    from tests.conftest import TINY_MODEL
+
+    config = tiny_config(model=replace(TINY_MODEL, vocab_size=12), epochs=2, sample_every_epoch=False)
+    done = train(feature_sets["train"], feature_sets["val"], tmp_path / "small-vocab", config, progress=False,
+                 log=quiet)
+    for row in done.history:
+        assert np.isfinite(row["loss"]) and row["loss"] < np.log(12) * 2, row
+        assert row["val_loss"] < np.log(12) * 2, row
+    assert done.history[-1]["loss"] < done.history[0]["loss"]

@@ -17,17 +17,25 @@ from tqdm import tqdm
 from captioning.config import TrainConfig
 from captioning.errors import CaptioningError
 from captioning.model import Captioner
+from captioning.text import PAD, RESERVED, UNK
+
+
+# Labels that are not scored: padding, and [UNK] (a word outside the vocabulary). The model may never emit
+# [UNK] (its logit is banned), so its loss would be ~1e9 per token: one rare word would drown the epoch's loss.
+UNSCORED = tuple(RESERVED.index(token) for token in (PAD, UNK))
 
 
 def masked_loss(labels: tf.Tensor, logits: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """Summed cross-entropy, token count and correct predictions over non-padding labels."""
+    """Summed cross-entropy, token count and correct predictions over the scored labels (not padding, not
+    out-of-vocabulary words)."""
     labels = tf.cast(labels, tf.int64)  # Keras can hand labels over as float
     logits = tf.cast(logits, tf.float32)  # mixed precision: the softmax in full precision
-    mask = tf.cast(labels != 0, tf.float32)
+    scored = tf.reduce_all(tf.stack([labels != token for token in UNSCORED]), axis=0)
+    mask = tf.cast(scored, tf.float32)
     loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
-    # Selected, not multiplied: in float16 a banned token's bias is -inf, so a padding label's loss is inf,
+    # Selected, not multiplied: in float16 a banned token's bias is -inf, so an unscored label's loss is inf,
     # and inf x 0 would be NaN.
-    loss = tf.where(labels != 0, loss, 0.0)
+    loss = tf.where(scored, loss, 0.0)
     correct = tf.cast(tf.argmax(logits, axis=-1) == labels, tf.float32)
     return tf.reduce_sum(loss), tf.reduce_sum(mask), tf.reduce_sum(correct * mask)
 

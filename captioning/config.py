@@ -99,6 +99,12 @@ class TrainConfig:
     checkpoint_every: int | None = None  # also checkpoint every this many steps within an epoch
     precision: str = "auto"  # decoder compute dtype policy; auto: mixed on GPUs (loss-scaled for float16), float32 on CPUs
     sample_every_epoch: bool = True
+    # A bundle (folder or s3://) to start from: its backbone embeds the data, its vocabulary is kept (new words
+    # become [UNK]) and its decoder weights are the starting point. The model settings must be the bundle's.
+    warm_start: str | None = None
+    # Beyond the images of a manifest's own kind (local beside a local manifest, s3:// beside one on S3):
+    allow_local_files: bool = False
+    allow_s3_sources: bool = False
 
 
 @dataclass(frozen=True)

@@ -247,6 +247,23 @@ def train_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train", required=True, help="training manifest, or a feature set from `captioning features`")
     parser.add_argument("--val", required=True, help="validation manifest or feature set")
     parser.add_argument("--out", required=True, help="model folder or s3:// prefix (the same --out resumes a run)")
+    training_options(parser)
+
+
+def retrain_options(parser: argparse.ArgumentParser) -> None:
+    """Options of `captioning retrain` / `python -m jobs.retrain`."""
+    parser.add_argument("--registry", required=True, help="model registry: folder or s3:// prefix")
+    parser.add_argument("--data-prefix", required=True,
+                        help="folder or s3:// prefix of training manifests; those no version has seen are used")
+    parser.add_argument("--holdout", required=True, help="fixed holdout manifest: the promotion decision's data")
+    parser.add_argument("--val", required=True, help="fixed validation manifest (early stopping); not the holdout")
+    parser.add_argument("--tolerance", type=non_negative, default=0.02,
+                        help="largest relative drop of holdout BLEU-4 or CIDEr that still promotes (default 0.02)")
+    training_options(parser)
+
+
+def training_options(parser: argparse.ArgumentParser) -> None:
+    """Manifest columns, model and training settings, Ray Train scaling: shared by train and retrain."""
     manifest_options(parser)
     defaults, model_defaults, scaling = TrainConfig(), ModelConfig(), Scaling()
     parser.add_argument("--weights", default=defaults.weights, help="backbone weights: imagenet, none, or a file")

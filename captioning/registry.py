@@ -214,12 +214,10 @@ def resolve_model(model: str, storage: Storage | None = None) -> Resolved:
 EXTRAS = ("history.csv", "history.json", "training_curves.png")  # kept beside a bundle when the source has them
 
 
-def add_bundle(registry: Registry, source: str, info: dict[str, Any]) -> str:
-    """Copy a bundle (folder or s3:// prefix: its own files only, never checkpoints or feature caches) into a
-    newly claimed version, completed with the current version as its parent; returns the version."""
+def bundle_files(source: str, storage: Storage) -> dict[str, str]:
+    """A bundle's own files (folder or s3:// prefix), bundle.json last; never checkpoints or feature caches."""
     from captioning.bundle import BACKBONE, DECODER, MANIFEST, VOCABULARY  # noqa: PLC0415
 
-    storage = registry.storage
     present: dict[str, str] = {}
     for name in (VOCABULARY, DECODER, BACKBONE, *EXTRAS, MANIFEST):  # bundle.json last: it marks completeness
         uri = f"{source.rstrip('/')}/{name}" if is_s3(source) else str(local_path(source) / name)
@@ -227,10 +225,23 @@ def add_bundle(registry: Registry, source: str, info: dict[str, Any]) -> str:
             present[name] = uri
         elif name not in EXTRAS:
             raise CaptioningError(source, f"is not a model bundle ({name} is missing)")
-    version = registry.claim()
+    return present
+
+
+def store_bundle(registry: Registry, version: str, source: str) -> None:
+    """Copy a bundle's files into a claimed version."""
+    storage = registry.storage
     target = registry.bundle_uri(version)
-    for name, uri in present.items():
+    for name, uri in bundle_files(source, storage).items():
         storage.upload_file(storage.local_file(uri) if is_s3(uri) else uri, f"{target}/{name}")
+
+
+def add_bundle(registry: Registry, source: str, info: dict[str, Any]) -> str:
+    """Copy a bundle into a newly claimed version, completed with the current version as its parent; returns
+    the version."""
+    bundle_files(source, registry.storage)  # not a bundle: refused before a number is taken
+    version = registry.claim()
+    store_bundle(registry, version, source)
     pointer, _ = registry.current()
     registry.complete(version, {"parent": (pointer or {}).get("version"), **info})
     return version

@@ -122,9 +122,42 @@ def _make_feature_set(source: str, config: TrainConfig, spec: ManifestSpec, root
                        hashlib.sha256(described.encode()).hexdigest()[:16]])
     features = FeaturesConfig.reading_own_kind(
         source, folder, spec=spec, backbone=backbone.name, weights=backbone.weights_source, seed=config.seed,
-        shard_size=shard_size, fetch=config.fetch, image=config.image, storage=config.storage)
+        shard_size=shard_size, fetch=config.fetch, image=config.image, storage=config.storage,
+        allow_local_files=config.allow_local_files, allow_s3_sources=config.allow_s3_sources)
     make(features, backbone)
     return FeatureSet(folder, storage)
+
+
+class WarmStart:
+    """The parts of a parent bundle a warm start takes: backbone, vocabulary, decoder weights (fetched once
+    from S3 into the private cache)."""
+
+    def __init__(self, bundle: str, storage: Storage) -> None:
+        self.bundle = bundle
+        self.folder = storage.local_dir(bundle)
+
+    def backbone(self) -> Any:
+        """The parent's exact backbone, so new features match the ones it was trained on."""
+        from captioning.bundle import BACKBONE, MANIFEST  # noqa: PLC0415
+        from captioning.features import Backbone  # noqa: PLC0415
+
+        info = json.loads((self.folder / MANIFEST).read_text())["backbone"]
+        backbone = Backbone(info["name"], weights=str(self.folder / BACKBONE))
+        if backbone.fingerprint() != info.get("fingerprint"):
+            raise CaptioningError(self.bundle, "backbone weights do not match the bundle's fingerprint")
+        return backbone
+
+    def tokenizer(self) -> Tokenizer:
+        """The parent's vocabulary, unchanged."""
+        from captioning.bundle import VOCABULARY  # noqa: PLC0415
+
+        return Tokenizer.load(self.folder / VOCABULARY)
+
+    def decoder_weights(self) -> Path:
+        """The parent's decoder weights file."""
+        from captioning.bundle import DECODER  # noqa: PLC0415
+
+        return self.folder / DECODER
 
 
 def _given_backbone(sources: list[str], storage: Storage) -> Any:
@@ -145,14 +178,23 @@ def prepare(train_source: str | Path | Manifest, val_source: str | Path | Manife
     spec = spec or ManifestSpec()
     root = str(feature_root or config.cache_dir or cache_dir() / "features")
     make = make or (lambda features, backbone: extract_features(features, log, progress, backbone))
-    backbone = _given_backbone([_uri(train_source), _uri(val_source)], Storage(config.storage))
+    storage = Storage(config.storage)
+    parent = WarmStart(config.warm_start, storage) if config.warm_start else None
+    backbone = parent.backbone() if parent else _given_backbone([_uri(train_source), _uri(val_source)], storage)
     train_set = feature_set_for(train_source, "training", config, spec, root, make, log, 4 * workers, backbone)
     val_set = feature_set_for(val_source, "validation", config, spec, root, make, log, backbone=backbone)
     if train_set.backbone["fingerprint"] != val_set.backbone["fingerprint"]:
         raise CaptioningError(val_set.location, "was made with another backbone than the training features")
     log(f"training on {train_set.pairs} captions of {train_set.images} images ({len(train_set.shards)} shards), "
         f"validating on {val_set.pairs} captions of {val_set.images} images")
-    tokenizer, counts = Tokenizer.build_counted(train_set.captions(), config.model.vocab_size, config.model.max_length)
+    if parent:  # the parent's vocabulary as it is; the output bias comes with the parent's weights
+        tokenizer = parent.tokenizer()
+        counts = np.ones(tokenizer.size, np.int64)
+        log(f"warm start from {config.warm_start}: its vocabulary ({tokenizer.size} tokens) is kept, new words "
+            "become [UNK]")
+    else:
+        tokenizer, counts = Tokenizer.build_counted(train_set.captions(), config.model.vocab_size,
+                                                    config.model.max_length)
     return Prepared(train_set.location, val_set.location, tokenizer.vocabulary, tokenizer.max_length,
                     counts.tolist(), train_set.pairs, train_set.images, val_set.pairs, Storage(config.storage))
 
@@ -173,6 +215,8 @@ def fit(prepared: Prepared, config: TrainConfig, checkpoint: Path, out: Path | N
         bias = output_bias(np.asarray(prepared.token_counts), [tokenizer.id(t) for t in BANNED])
         model = Captioner(model_config, tokenizer, bias, dtype=resolve_precision(config.precision))
         model.build_for(train_set.channels)
+        if config.warm_start:
+            model.load_weights(str(WarmStart(config.warm_start, storage).decoder_weights()))
     trainer = Trainer(model, config, strategy)
     writer = rank == 0
     early = EarlyStopping(model, config.patience, log)

@@ -18,10 +18,10 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     submit = actions.add_parser(
         "submit", help="submit a job: captioning jobs submit KIND [options] -- <the local command's options>",
-        usage="captioning jobs submit {batch,features,train} [options] -- <options of `captioning KIND`>",
+        usage="captioning jobs submit {batch,features,train,retrain} [options] -- <options of `captioning KIND`>",
         description="Runs `python -m jobs.KIND <options>` on the cluster: the same code and options as the local "
                     "command. Storage credentials (AWS_*) travel as the job's environment, never in its options.")
-    submit.add_argument("kind", choices=["batch", "features", "train"])
+    submit.add_argument("kind", choices=["batch", "features", "train", "retrain"])
     submit.add_argument("--address", default=None, help=ADDRESS_HELP)
     submit.add_argument("--name", default=None, help="a name to show in `jobs list` (default: the job id)")
     submit.add_argument("--wait", action="store_true", help="stream the job's log until it ends; exit 1 unless it "

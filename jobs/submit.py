@@ -28,7 +28,8 @@ from captioning import options
 from captioning.errors import CaptioningError
 from captioning.storage import Storage, is_s3, local_path
 
-KINDS = {"batch": options.batch_options, "features": options.features_options, "train": options.train_options}
+KINDS = {"batch": options.batch_options, "features": options.features_options, "train": options.train_options,
+         "retrain": options.retrain_options}
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 # Set on the submitting machine, these reach the job's driver and every task and actor it starts.
 FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",

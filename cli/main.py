@@ -10,9 +10,9 @@ from typing import Sequence
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter off the console
 
 from captioning.options import guarded  # noqa: E402
-from cli import batch, data, demo, inference, models, retrain, storage, submit, train  # noqa: E402
+from cli import batch, data, demo, inference, models, retrain, schedule, storage, submit, train  # noqa: E402
 
-GROUPS = (data, train, inference, batch, submit, models, retrain, storage, demo)
+GROUPS = (data, train, inference, batch, submit, models, retrain, schedule, storage, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

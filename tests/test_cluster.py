@@ -92,3 +92,31 @@ def test_the_dev_cluster_script_is_valid_bash_that_runs_the_tested_module():
     assert "-m jobs.devcluster" in script.read_text()
     done = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0 and "up" in done.stdout and "down" in done.stdout
+
+
+def test_schedule_definitions_run_the_same_retrain_on_the_same_cron():
+    from croniter import croniter
+
+    (cron_job,) = load("schedule/raycronjob.yaml")
+    (standalone,) = load("schedule/rayjob-retrain.yaml")
+    k8s = {doc["kind"]: doc for doc in load("schedule/cronjob.yaml")}
+    (cluster,) = load("kuberay/raycluster.yaml")
+    assert (cron_job["apiVersion"], cron_job["kind"]) == ("ray.io/v1", "RayCronJob")
+    spec = cron_job["spec"]
+    assert spec["concurrencyPolicy"] == "Forbid" and spec["jobTemplate"]["rayClusterSpec"] == cluster["spec"]
+    assert standalone["spec"] == spec["jobTemplate"]  # the CronJob's RayJob is the RayCronJob's template
+    assert k8s["CronJob"]["spec"]["schedule"] == spec["schedule"] and croniter.is_valid(spec["schedule"])
+    assert k8s["CronJob"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]["serviceAccountName"] == \
+        k8s["ServiceAccount"]["metadata"]["name"] == k8s["RoleBinding"]["subjects"][0]["name"]
+    assert {"create", "get", "list"} <= set(k8s["Role"]["rules"][0]["verbs"])
+    script = k8s["CronJob"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    assert "app.kubernetes.io/name=captioning-retrain" in script
+    assert standalone["metadata"]["labels"]["app.kubernetes.io/name"] == "captioning-retrain"
+    command = shlex.split(spec["jobTemplate"]["entrypoint"])
+    assert command[:3] == ["python", "-m", "jobs.retrain"]
+    check_args("retrain", command[3:])
+    line = next(x for x in (CLUSTER / "schedule/crontab").read_text().splitlines() if x and x[0].isdigit())
+    fields = line.split()
+    assert " ".join(fields[:5]) == spec["schedule"]
+    submitted = shlex.split(line.split("captioning jobs submit retrain", 1)[1].split(">>")[0])
+    check_args("retrain", submitted[submitted.index("--") + 1:])

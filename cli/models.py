@@ -25,8 +25,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     add.add_argument("--promote", action="store_true", help="also make it current")
     add.add_argument("--reason", default="added by hand")
     action("list", "every version, the current one marked *", run_list)
-    show = action("show", "one version's record, and where its bundle is", run_show)
+    show = action("show", "one version's record, and where its bundle is; --html: a page to look at", run_show)
     show.add_argument("version")
+    show.add_argument("--html", default=None, metavar="FOLDER",
+                      help="write FOLDER/index.html: lineage, holdout scores against the parent, training curves, "
+                           "holdout gallery with attention per word")
+    show.add_argument("--gallery", type=int, default=12, help="holdout images in the page (default 12)")
     promote = action("promote", "make a version current", run_promote)
     promote.add_argument("version")
     promote.add_argument("--reason", required=True, help="why (kept in the history)")
@@ -78,6 +82,11 @@ def run_list(args: argparse.Namespace) -> int:
 def run_show(args: argparse.Namespace) -> int:
     """captioning models show."""
     registry = _registry(args)
+    if args.html:
+        from captioning.report import write_report  # noqa: PLC0415
+
+        log(f"report: {write_report(registry, args.version, args.html, args.gallery)}")
+        return 0
     log(json.dumps({**registry.info(args.version), "bundle": registry.bundle_uri(args.version)}, indent=2))
     return 0
 

@@ -126,3 +126,39 @@ def test_models_commands_and_registry_consumers(trained_bundle, synthetic_data, 
     assert resolve_model(str(trained_bundle)).bundle == str(trained_bundle)  # plain paths pass through
     info = json.loads(run("models", "show", "v0002", "--registry", reg)[1])
     assert info["parent"] == "v0001" and info["bundle"].endswith("versions/v0002/model")
+
+
+def test_the_html_report_shows_lineage_scores_curves_and_a_gallery_whose_images_exist(
+        trained_bundle, synthetic_data, tmp_path, capsys):
+    from html.parser import HTMLParser
+
+    registry = Registry(str(tmp_path / "reg"))
+    first = add_bundle(registry, str(trained_bundle), {"decision": "promoted: first"})
+    registry.promote(first, "first")
+    second = add_bundle(registry, str(trained_bundle), {
+        "decision": "promoted: <better> & kept", "manifests": [{"uri": "s3://b/incoming/day2.jsonl"}],
+        "holdout": {"manifest": str(synthetic_data["test"]), "scores": {"bleu4": 0.31, "cider": 0.9},
+                    "parent_scores": {"bleu4": 0.30, "cider": 1.0}}})
+    code = main(["models", "show", second, "--registry", str(tmp_path / "reg"), "--html", str(tmp_path / "page"),
+                 "--gallery", "3"])
+    assert code == 0, capsys.readouterr().err
+    page = (tmp_path / "page" / "index.html").read_text()
+
+    class Links(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.images, self.rows = [], 0
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "img":
+                self.images.append(dict(attrs)["src"])
+            self.rows += tag == "tr"
+
+    links = Links()
+    links.feed(page)
+    assert "curves.png" in links.images and sum(src.startswith("gallery/") for src in links.images) == 3
+    for src in links.images:  # every picture the page shows is there, and is a PNG
+        assert (tmp_path / "page" / src).read_bytes()[:4] == b"\x89PNG", src
+    assert "&lt;better&gt; &amp; kept" in page and "<better>" not in page  # data is escaped
+    assert 'class="better">0.3100' in page and 'class="worse">0.9000' in page  # against the parent
+    assert "day2.jsonl" in page and page.count("<td>v000") == 2  # lineage: this version and its parent

@@ -111,7 +111,8 @@ def test_retrain_end_to_end_on_seaweedfs(seaweed, scenes, monkeypatch):
 
     def score(bundle, holdout, spec, train, storage, log):
         version = bundle.rstrip("/").split("/")[-2]
-        measured[version] = holdout_scores(bundle, holdout, spec, train, storage, log)
+        if version not in measured:  # a version's real scores do not change: once each
+            measured[version] = holdout_scores(bundle, holdout, spec, train, storage, log)
         return {**measured[version], **scripted[version]}
 
     def run() -> dict:

@@ -1,6 +1,7 @@
 """Sharded training on Ray Train with features and checkpoints in SeaweedFS: a worker killed mid-run, a rerun
 that resumes, and the same validation loss as one process."""
 
+import json
 import os
 import signal
 import threading
@@ -21,14 +22,19 @@ EPOCHS = 4
 VAL_LOSS_TOLERANCE = 0.15
 
 
-def kill_a_worker_after_two_checkpoints(storage: Storage, prefix: str, killed: list[int]) -> threading.Thread:
-    """SIGKILL one Ray Train worker process (in a thread beside fit()) once two checkpoints are in storage:
-    by then the first one is surely registered with Ray Train, not only uploaded."""
+def kill_a_worker_after_a_registered_checkpoint(storage: Storage, prefix: str, killed: list[int]) -> threading.Thread:
+    """SIGKILL one Ray Train worker process (in a thread beside fit()) once Ray Train has registered a
+    checkpoint: its controller writes checkpoint_manager_snapshot.json with the latest one then. (Uploaded is not
+    enough: a kill before registration restarts from scratch.)"""
+
+    def registered() -> bool:
+        snapshots = [k for k in storage.list(prefix) if k.endswith("checkpoint_manager_snapshot.json")]
+        return any(json.loads(storage.read_bytes(k)).get("latest_checkpoint_result") for k in snapshots)
 
     def watch() -> None:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            if sum("/checkpoint_" in key and key.endswith("state.json") for key in storage.list(prefix)) >= 2:
+            if registered():
                 break
             time.sleep(0.2)
         for process in psutil.process_iter(["pid", "cmdline"]):
@@ -56,16 +62,18 @@ def test_two_workers_survive_a_killed_worker_resume_a_rerun_and_match_one_proces
         storage.upload_dir(local, f"s3://outputs/features-{split}")
         remote[split] = f"s3://outputs/features-{split}"
     assert FeatureSet(remote["train"], storage).pairs == FeatureSet(feature_sets["train"]).pairs
-    config = tiny_config(epochs=EPOCHS, batch_size=32, patience=EPOCHS)
+    # A checkpoint every 10 of the 120 steps: the kill after the first registered one lands with most of the run
+    # ahead, however fast this machine trains, and the run resumes mid-epoch.
+    config = tiny_config(epochs=EPOCHS, batch_size=32, patience=EPOCHS, checkpoint_every=10)
     out = "s3://outputs/ray-model"
     killed: list[int] = []
-    watcher = kill_a_worker_after_two_checkpoints(storage, "s3://outputs/ray-model/checkpoints/", killed)
+    watcher = kill_a_worker_after_a_registered_checkpoint(storage, "s3://outputs/ray-model/checkpoints/", killed)
     logs: list[str] = []
     result = run(remote["train"], remote["val"], out, config, Scaling(workers=2, max_failures=2), log=logs.append,
                  progress=False)
     watcher.join(timeout=1)
     assert killed, "no Ray Train worker was found to kill"
-    assert result["restores"] >= 1  # the run went on from a reported checkpoint, not from scratch
+    assert result["restores"] >= 1, "\n".join(logs)  # the run went on from a reported checkpoint, not from scratch
     assert [row["epoch"] for row in result["history"]] == list(range(1, EPOCHS + 1))
 
     # The bundle loads from s3:// and captions images.

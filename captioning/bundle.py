@@ -47,7 +47,8 @@ SCHEMA = {
             "type": "object",
             "required": ["name", "fingerprint"],
             "properties": {"name": {"enum": sorted(BACKBONES)}, "fingerprint": {"type": "string"},
-                           "weights_source": {"type": "string"}, "channels": _COUNT},
+                           "weights_source": {"type": "string"}, "channels": _COUNT,
+                           "seed": {"type": ["integer", "null"]}},
         },
         "metrics": {"type": "object"},
     },
@@ -100,7 +101,8 @@ def save_bundle(path: str | Path, model: Captioner, backbone: Backbone, metrics:
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": model.config.to_dict(),
         "backbone": {"name": backbone.name, "weights_source": backbone.weights_source,
-                     "fingerprint": backbone.fingerprint(), "channels": backbone.channels},
+                     "seed": getattr(backbone, "seed", None), "fingerprint": backbone.fingerprint(),
+                     "channels": backbone.channels},
         "metrics": metrics or {},
     }
     atomic_write(path / MANIFEST, json.dumps(manifest, indent=2).encode())

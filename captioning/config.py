@@ -88,7 +88,8 @@ class TrainConfig:
     batch_size: int = 64
     learning_rate: float = 1e-4
     patience: int = 5
-    seed: int = 0
+    seed: int = 0  # training: initial weights, dropout, shuffling
+    backbone_seed: int = 0  # the --weights none backbone's own: other training seeds train on the same features
     shuffle_buffer: int = 2048  # caption pairs mixed per worker; each holds its image's 56 KiB of features
     cache_dir: str | None = None  # where features of manifests are made; default <out>/features
     image: ImageConfig = field(default_factory=ImageConfig)

@@ -68,12 +68,23 @@ def evaluate(
             rows.append({"id": ex.id, "image": ex.image, "caption": result.caption, "references": list(ex.captions)})
     failures += [{"row": err.source, "error": str(err)} for err in manifest.errors]
     scores = corpus_scores({r["id"]: r["references"] for r in rows}, {r["id"]: r["caption"] for r in rows}, meteor)
+    scores["reference_oov"] = reference_oov([ref for r in rows for ref in r["references"]],
+                                            bundle.model.tokenizer.vocabulary)
     return {"model_version": bundle.version, "manifest": manifest.source, "method": generation.method,
             "scores": scores, "failures": failures, "captions": rows}
+
+
+def reference_oov(references: list[str], vocabulary: list[str]) -> float:
+    """Share of reference words outside the model's vocabulary: scores count them as misses (the model never
+    writes [UNK]), so this is the part of the references no caption of this model can match."""
+    known = set(vocabulary)
+    words = [word for text in clean_text(references) for word in text.split()] if references else []
+    return sum(word not in known for word in words) / max(len(words), 1)
 
 
 def format_scores(scores: dict) -> str:
     """One line of the headline scores."""
     parts = [f"{name.upper()} {scores[name]:.3f}" for name in ("bleu1", "bleu2", "bleu3", "bleu4", "cider")]
     parts.append(f"METEOR {scores['meteor']:.3f}" if scores.get("meteor") is not None else "METEOR n/a (no java)")
-    return f"{' | '.join(parts)} on {scores['images']} images"
+    tail = f"; {scores['reference_oov']:.1%} of reference words out of vocabulary" if "reference_oov" in scores else ""
+    return f"{' | '.join(parts)} on {scores['images']} images{tail}"

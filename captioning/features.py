@@ -45,6 +45,7 @@ class Backbone:
             raise CaptioningError(name, f"unknown backbone; choose one of {', '.join(BACKBONES)}")
         self.name, self.spec, self.image_size = name, BACKBONES[name], image_size
         self.weights_source = weights
+        self.seed: int | None = seed if weights == "none" else None  # only a random backbone has one
         shape = (image_size, image_size, 3)
         if weights == "imagenet":
             try:

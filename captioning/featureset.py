@@ -88,13 +88,16 @@ def prepare_backbone(config: FeaturesConfig, storage: Storage, backbone: Any = N
     info_uri = uri(config.output, BACKBONE_INFO)
     if storage.exists(info_uri):
         info = json.loads(storage.read_bytes(info_uri))
-        if (info["name"], info["weights_source"]) != (config.backbone, config.weights):
-            raise CaptioningError(config.output, f"holds features of {info['name']} ({info['weights_source']}); "
-                                  "use a new --output for another backbone")
+        seed = config.seed if config.weights == "none" else None
+        if (info["name"], info["weights_source"], info.get("seed")) != (config.backbone, config.weights, seed):
+            made = info["weights_source"] + (f", backbone seed {info.get('seed')}" if info.get("seed") is not None
+                                             else "")
+            raise CaptioningError(config.output, f"holds features of {info['name']} ({made}); use a new --output "
+                                  "for another backbone")
         return info
     backbone = backbone or Backbone(config.backbone, config.weights, seed=config.seed, image_size=config.image.size)
-    info = {"name": backbone.name, "weights_source": config.weights, "fingerprint": backbone.fingerprint(),
-            "channels": backbone.channels, "image_size": config.image.size}
+    info = {"name": backbone.name, "weights_source": config.weights, "seed": backbone.seed,
+            "fingerprint": backbone.fingerprint(), "channels": backbone.channels, "image_size": config.image.size}
     with tempfile.TemporaryDirectory() as tmp:
         backbone.save(Path(tmp) / BACKBONE_WEIGHTS)
         storage.upload_file(Path(tmp) / BACKBONE_WEIGHTS, uri(config.output, BACKBONE_WEIGHTS))
@@ -110,7 +113,7 @@ def load_backbone(location: str, storage: Storage) -> Any:
     info = json.loads(storage.read_bytes(uri(location, BACKBONE_INFO)))
     backbone = Backbone(info["name"], weights=str(storage.local_file(uri(location, BACKBONE_WEIGHTS))),
                         image_size=info.get("image_size", 224))
-    backbone.weights_source = info["weights_source"]
+    backbone.weights_source, backbone.seed = info["weights_source"], info.get("seed")
     if backbone.fingerprint() != info["fingerprint"]:
         raise CaptioningError(uri(location, BACKBONE_WEIGHTS), "does not match the fingerprint in backbone.json")
     return backbone

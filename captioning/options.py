@@ -211,7 +211,8 @@ def features_options(parser: argparse.ArgumentParser) -> None:
     manifest_options(parser)
     parser.add_argument("--weights", default=defaults.weights, help="backbone weights: imagenet, none, or a file")
     parser.add_argument("--backbone", default=model_defaults.backbone)
-    parser.add_argument("--seed", type=int, default=0, help="seed of a --weights none backbone")
+    parser.add_argument("--backbone-seed", "--seed", dest="seed", type=int, default=0,
+                        help="seed of a --weights none backbone (default %(default)s)")
     parser.add_argument("--shard-size", type=positive, default=256, help="rows per committed shard")
     parser.add_argument("--batch-size", type=positive, default=64, help="images per backbone call")
     parser.add_argument("--actors", type=positive, default=1, help="backbone actors (each loads it once)")
@@ -276,7 +277,11 @@ def training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patience", type=positive, default=defaults.patience)
     parser.add_argument("--steps-per-epoch", type=positive, default=None)
     parser.add_argument("--max-seconds", type=seconds, default=None, help="stop after the epoch that uses this up")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--seed", type=int, default=defaults.seed,
+                        help="training seed: initial decoder weights, dropout, shuffling (default %(default)s)")
+    parser.add_argument("--backbone-seed", type=int, default=defaults.backbone_seed,
+                        help="seed of a --weights none backbone, kept apart from --seed so that training seeds "
+                        "compare on the same features (default %(default)s)")
     parser.add_argument("--shuffle-buffer", type=positive, default=defaults.shuffle_buffer,
                         help="caption pairs mixed per worker (about 56 KiB each; default %(default)s)")
     parser.add_argument("--checkpoint-every", type=positive, default=None, metavar="STEPS",
@@ -310,6 +315,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
                         num_layers=args.layers, num_heads=args.heads, dropout=args.dropout, backbone=args.backbone)
     return TrainConfig(model=model, weights=args.weights, epochs=args.epochs, batch_size=args.batch_size,
                        learning_rate=args.learning_rate, patience=args.patience, seed=args.seed,
+                       backbone_seed=args.backbone_seed,
                        shuffle_buffer=args.shuffle_buffer, checkpoint_every=args.checkpoint_every,
                        precision=args.precision, max_seconds=args.max_seconds, cache_dir=args.cache_dir,
                        steps_per_epoch=args.steps_per_epoch, fetch=fetch_config(args), storage=storage_config(args))

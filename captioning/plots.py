@@ -22,6 +22,9 @@ def plot_history(history: Sequence[dict[str, float]], path: str | Path) -> None:
         ax.plot(epochs, [row[f"val_{metric}"] for row in history], marker="o", label="validation")
         ax.set_xlabel("epoch")
         ax.set_title(f"masked {metric}")
+        if metric == "loss" and "val_oov" in history[-1]:  # what the honest loss leaves out, said on the picture
+            ax.set_title(f"masked loss ({history[-1]['oov']:.1%} train, {history[-1]['val_oov']:.1%} val labels\n"
+                         "out of vocabulary, not scored)", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()

@@ -111,7 +111,7 @@ def _make_feature_set(source: str, config: TrainConfig, spec: ManifestSpec, root
         raise CaptioningError(source, "manifest not found")
     from captioning.features import Backbone  # noqa: PLC0415
 
-    backbone = backbone or Backbone(config.model.backbone, config.weights, seed=config.seed,
+    backbone = backbone or Backbone(config.model.backbone, config.weights, seed=config.backbone_seed,
                                     image_size=config.image.size)
     shard_size = FEATURE_SHARD_SIZE
     if min_shards > 1:  # every worker needs shards of its own, and a few to shuffle
@@ -121,8 +121,8 @@ def _make_feature_set(source: str, config: TrainConfig, spec: ManifestSpec, root
     folder = "/".join([root.rstrip("/"), f"{backbone.name}-{backbone.fingerprint()}",
                        hashlib.sha256(described.encode()).hexdigest()[:16]])
     features = FeaturesConfig.reading_own_kind(
-        source, folder, spec=spec, backbone=backbone.name, weights=backbone.weights_source, seed=config.seed,
-        shard_size=shard_size, fetch=config.fetch, image=config.image, storage=config.storage,
+        source, folder, spec=spec, backbone=backbone.name, weights=backbone.weights_source,
+        seed=config.backbone_seed if backbone.seed is None else backbone.seed, shard_size=shard_size, fetch=config.fetch, image=config.image, storage=config.storage,
         allow_local_files=config.allow_local_files, allow_s3_sources=config.allow_s3_sources)
     make(features, backbone)
     return FeatureSet(folder, storage)
@@ -143,6 +143,7 @@ class WarmStart:
 
         info = json.loads((self.folder / MANIFEST).read_text())["backbone"]
         backbone = Backbone(info["name"], weights=str(self.folder / BACKBONE))
+        backbone.seed = info.get("seed")
         if backbone.fingerprint() != info.get("fingerprint"):
             raise CaptioningError(self.bundle, "backbone weights do not match the bundle's fingerprint")
         return backbone

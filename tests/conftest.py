@@ -141,7 +141,8 @@ TINY_MODEL = ModelConfig(max_length=20, d_model=32, num_layers=1, num_heads=2, d
 
 def tiny_config(**overrides) -> TrainConfig:
     """A training config that runs in seconds."""
-    values = dict(model=TINY_MODEL, weights="none", epochs=2, batch_size=32, learning_rate=3e-3, patience=3, seed=1)
+    values = dict(model=TINY_MODEL, weights="none", epochs=2, batch_size=32, learning_rate=3e-3, patience=3, seed=1,
+                  backbone_seed=1)
     values.update(overrides)
     return TrainConfig(**values)
 

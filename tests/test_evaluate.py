@@ -52,3 +52,13 @@ def test_evaluate_lists_failures_and_scores_the_rest(trained_bundle, synthetic_d
     assert report["scores"]["images"] == 10 and len(report["captions"]) == 10
     assert [f["image"] for f in report["failures"]] == [f"{tmp_path}/bad.jpg"]
     assert 0 < report["scores"]["bleu1"] <= 1
+
+
+def test_reference_words_outside_the_vocabulary_are_counted_as_what_no_caption_can_match():
+    from captioning.evaluate import format_scores, reference_oov
+
+    vocabulary = ["", "[UNK]", "[START]", "[END]", "a", "red", "circle"]
+    assert reference_oov(["A red circle!", "a red zebra"], vocabulary) == pytest.approx(1 / 6)
+    scores = {"bleu1": 1, "bleu2": 1, "bleu3": 1, "bleu4": 1, "cider": 1, "meteor": None, "images": 2,
+              "reference_oov": 1 / 6}
+    assert format_scores(scores).endswith("on 2 images; 16.7% of reference words out of vocabulary")

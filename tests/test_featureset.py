@@ -44,7 +44,8 @@ def test_every_row_is_a_feature_or_a_failure_record_and_a_rerun_redoes_only_unco
     assert FeatureSet(str(tmp_path / "fs")).backbone == before
 
     # Another backbone never joins this feature set.
-    with pytest.raises(CaptioningError, match="planned with other settings"):
+    with pytest.raises(CaptioningError, match=r"holds features of mobilenet_v3_small \(none, backbone seed 0\); "
+                       "use a new --output"):
         extract_features(FeaturesConfig.reading_own_kind(str(manifest), str(tmp_path / "fs"), weights="none", seed=5,
                                                          shard_size=4), log=quiet, progress=False)
 

@@ -25,9 +25,9 @@ from captioning.text import PAD, RESERVED, UNK
 UNSCORED = tuple(RESERVED.index(token) for token in (PAD, UNK))
 
 
-def masked_loss(labels: tf.Tensor, logits: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+def masked_loss(labels: tf.Tensor, logits: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
     """Summed cross-entropy, token count and correct predictions over the scored labels (not padding, not
-    out-of-vocabulary words)."""
+    out-of-vocabulary words), and how many labels were out of the vocabulary."""
     labels = tf.cast(labels, tf.int64)  # Keras can hand labels over as float
     logits = tf.cast(logits, tf.float32)  # mixed precision: the softmax in full precision
     scored = tf.reduce_all(tf.stack([labels != token for token in UNSCORED]), axis=0)
@@ -37,7 +37,40 @@ def masked_loss(labels: tf.Tensor, logits: tf.Tensor) -> tuple[tf.Tensor, tf.Ten
     # and inf x 0 would be NaN.
     loss = tf.where(scored, loss, 0.0)
     correct = tf.cast(tf.argmax(logits, axis=-1) == labels, tf.float32)
-    return tf.reduce_sum(loss), tf.reduce_sum(mask), tf.reduce_sum(correct * mask)
+    unknown = tf.cast(labels == RESERVED.index(UNK), tf.float32)
+    return tf.reduce_sum(loss), tf.reduce_sum(mask), tf.reduce_sum(correct * mask), tf.reduce_sum(unknown)
+
+
+class Totals:
+    """An epoch's sums of masked_loss, in float64: at a million tokens a float32 sum rounds away changes of the
+    mean loss below ~1e-3, and early stopping would compare rounding noise."""
+
+    def __init__(self) -> None:
+        self.sums = np.zeros(4, np.float64)  # loss, scored tokens, correct, out-of-vocabulary labels
+
+    def add(self, loss_sum: Any, count: Any, correct: Any, unknown: Any) -> None:
+        """One step's sums (each batch's own sum is float32; they are small)."""
+        self.sums += np.array([float(loss_sum), float(count), float(correct), float(unknown)], np.float64)
+
+    @property
+    def tokens(self) -> float:
+        """Scored label tokens."""
+        return float(self.sums[1])
+
+    @property
+    def loss(self) -> float:
+        """Mean cross-entropy per scored token."""
+        return float(self.sums[0] / max(self.sums[1], 1.0))
+
+    @property
+    def accuracy(self) -> float:
+        """Share of scored tokens predicted right."""
+        return float(self.sums[2] / max(self.sums[1], 1.0))
+
+    @property
+    def oov_share(self) -> float:
+        """Share of the labels (padding aside) that are [UNK]: words the vocabulary lacks, unscored."""
+        return float(self.sums[3] / max(self.sums[1] + self.sums[3], 1.0))
 
 
 class Trainer:
@@ -66,7 +99,7 @@ class Trainer:
         (features, tokens), labels = batch
         with tf.GradientTape() as tape:
             logits = self.model((features, tokens), training=True)
-            loss_sum, count, correct = masked_loss(labels, logits)
+            loss_sum, count, correct, unknown = masked_loss(labels, logits)
             # Mean over this replica's tokens; gradients from replicas are summed, hence the division.
             loss = loss_sum / tf.maximum(count, 1.0) / self.strategy.num_replicas_in_sync
             if self.loss_scaling:
@@ -74,7 +107,7 @@ class Trainer:
         grads = tape.gradient(loss, self.model.trainable_variables)
         # LossScaleOptimizer unscales, and skips a step whose gradients overflowed (then lowers the scale).
         self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
-        return loss_sum, count, correct
+        return loss_sum, count, correct, unknown
 
     def _eval_replica(self, batch):
         (features, tokens), labels = batch
@@ -94,10 +127,10 @@ class Trainer:
     def run_epoch(self, batches: Iterator, train: bool, steps: int, desc: str, progress: bool, skip: int = 0,
                   on_step: Callable[[int], None] | None = None) -> dict:
         """`steps` batches from an iterator over a distributed dataset; the first `skip` are read but not trained
-        on (a resume mid-epoch). Returns mean masked loss and accuracy, how many label tokens they cover, and the
-        seconds spent waiting for input."""
+        on (a resume mid-epoch). Returns mean masked loss and accuracy, how many label tokens they cover, the
+        share of labels outside the vocabulary, and the seconds spent waiting for input."""
         step_fn = self._train_step if train else self._eval_step
-        totals = np.zeros(3)
+        totals = Totals()
         waited = 0.0
         bar = tqdm(total=steps, initial=skip, desc=desc, unit="batch", disable=not progress, leave=False,
                    file=sys.stderr)
@@ -107,14 +140,14 @@ class Trainer:
             waited += time.perf_counter() - began
             if i < skip:
                 continue
-            totals += np.array([float(v) for v in step_fn(batch)])
+            totals.add(*step_fn(batch))
             bar.update(1)
-            bar.set_postfix(loss=f"{totals[0] / max(totals[1], 1):.3f}", acc=f"{totals[2] / max(totals[1], 1):.3f}")
+            bar.set_postfix(loss=f"{totals.loss:.3f}", acc=f"{totals.accuracy:.3f}")
             if on_step is not None:
                 on_step(i + 1)
         bar.close()
-        return {"loss": totals[0] / max(totals[1], 1), "accuracy": totals[2] / max(totals[1], 1),
-                "tokens": totals[1], "input_wait": waited}
+        return {"loss": totals.loss, "accuracy": totals.accuracy, "tokens": totals.tokens,
+                "oov": totals.oov_share, "input_wait": waited}
 
 
 @dataclass
@@ -194,6 +227,7 @@ class EpochLoop:
             trained = max(steps - skip, 1)
             row = {"epoch": epoch + 1, "loss": train["loss"], "accuracy": train["accuracy"],
                    "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+                   "oov": round(train["oov"], 6), "val_oov": round(val["oov"], 6),
                    "seconds": round(seconds, 3), "step_seconds": round(seconds / trained, 4),
                    "examples_per_second": round(examples_per_step * trained / max(seconds, 1e-9), 1),
                    "input_wait_seconds": round(train["input_wait"], 3),
@@ -209,7 +243,8 @@ class EpochLoop:
             state.epoch, state.step = epoch + 1, 0
             self.log(f"epoch {epoch + 1}: loss {row['loss']:.4f} acc {row['accuracy']:.4f} "
                      f"val_loss {row['val_loss']:.4f} val_acc {row['val_accuracy']:.4f} ({seconds:.1f} s, "
-                     f"{row['examples_per_second']:.0f} examples/s, input wait {row['input_wait_seconds']:.1f} s)")
+                     f"{row['examples_per_second']:.0f} examples/s, input wait {row['input_wait_seconds']:.1f} s; "
+                     f"out of vocabulary: {row['oov']:.1%} of labels, val {row['val_oov']:.1%})")
             for hook in self.hooks:
                 hook.on_epoch_end(state, row)
             if state.stop:

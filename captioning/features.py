@@ -13,8 +13,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 from einops import rearrange
-from tqdm import tqdm
 
+from captioning import console
 from captioning.atomic import atomic_path, atomic_write
 from captioning.errors import CaptioningError
 
@@ -159,7 +159,7 @@ class FeatureCache:
             except CaptioningError as err:
                 return item[0], err
 
-        bar = tqdm(total=len(todo), desc="backbone features", unit="img", disable=not progress)
+        bar = console.progress(len(todo), "backbone features", "images", progress)
         with ThreadPoolExecutor(workers) as pool:
             for start in range(0, len(todo), batch_size):
                 batch_keys, images = [], []

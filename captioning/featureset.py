@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from captioning import console
 from captioning.bulk import check_ranges, fetch_shard, plan_shards, shard_images, shard_name, uri
 from captioning.config import BULK_IMAGE, FetchConfig, ImageConfig, StorageConfig
 from captioning.errors import CaptioningError
@@ -192,7 +193,6 @@ def summarise(config: FeaturesConfig, storage: Storage, total_rows: int, started
 def extract_features(config: FeaturesConfig, log: Callable[[str], None] = print, progress: bool = True,
                      backbone: Any = None) -> dict[str, Any]:
     """The features job in this process, with the same stages and layout as the Ray Data job."""
-    from tqdm import tqdm  # noqa: PLC0415
 
     from captioning.lease import Lease  # noqa: PLC0415
 
@@ -206,7 +206,7 @@ def extract_features(config: FeaturesConfig, log: Callable[[str], None] = print,
         todo, total_rows = plan_shards(config, storage)
         if todo:
             embed = EmbedShard(config, backbone)
-            bar = tqdm(total=len(todo), desc="backbone features", unit="shard", disable=not progress, leave=False)
+            bar = console.progress(len(todo), "backbone features", "shards", progress, leave=False)
             for shard in todo:
                 write_feature_shard(embed(fetch_shard({"shard": shard}, config)), config)
                 bar.update(1)

@@ -13,18 +13,42 @@ from typing import Any, Callable
 
 from captioning.config import (BULK_IMAGE, FetchConfig, GenerationConfig, ModelConfig, Scaling, StorageConfig,
                                TrainConfig)
+from captioning import console
 from captioning.errors import CaptioningError
 
 PRECISIONS = ["auto", "float32", "mixed_float16", "mixed_bfloat16"]
+BACKBONE_NAMES = ["mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0"]  # captioning.features.BACKBONES
 
 
 def log(message: str) -> None:
-    """What every command prints: one line, flushed (job logs stream it as it comes)."""
+    """A line about the work (not its result): logged at info, or warning for `warning: ...` lines."""
+    if not console.log.handlers:  # a caller that skipped guarded(args): still shown
+        console.setup()
+    if message.startswith("warning: "):
+        console.log.warning(message[len("warning: "):])
+    else:
+        console.log.info(message)
+
+
+def result(message: str) -> None:
+    """The command's own output (what it made, where): stdout, flushed."""
     print(message, flush=True)
 
 
-def guarded(command: Callable[[], int]) -> int:
-    """Run a command: a CaptioningError becomes one `error:` line and exit code 2, Ctrl+C exit code 130."""
+def console_options(parser: argparse.ArgumentParser) -> None:
+    """--verbose and --log-level, on every command."""
+    output = group(parser, "output")
+    output.add_argument("--verbose", action="store_true",
+                       help=f"also show TensorFlow's and Ray's start-up logs (or set {console.VERBOSE_ENV}=1)")
+    output.add_argument("--log-level", choices=console.LEVELS, default=None,
+                       help=f"least important messages shown (default: {console.LEVEL_ENV}, else info)")
+
+
+def guarded(command: Callable[[], int], args: argparse.Namespace | None = None) -> int:
+    """Run a command (after setting up its console from args): a CaptioningError becomes one `error:` line and
+    exit code 2, Ctrl+C exit code 130."""
+    if args is not None:
+        console.setup(getattr(args, "log_level", None), getattr(args, "verbose", False))
     try:
         return command()
     except CaptioningError as err:
@@ -36,9 +60,8 @@ def guarded(command: Callable[[], int]) -> int:
 
 
 def show_progress(args: argparse.Namespace) -> bool:
-    """Progress bars on a terminal, unless --no-progress; never in a log file or a submitted job's log, where
-    every redraw would be a line."""
-    return not args.no_progress and sys.stderr.isatty()
+    """Progress unless --no-progress: bars on a terminal, plain lines in a log file (console.progress)."""
+    return not args.no_progress
 
 
 def positive(text: str) -> int:
@@ -72,12 +95,34 @@ def non_negative(text: str) -> float:
 
 # Shared option groups ---------------------------------------------------------------------------------------
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help shows its default (unless it already says it); the example below stays as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == [] \
+            or action.default == argparse.SUPPRESS
+        if not action.option_strings or "default" in text or unset:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def group(parser: Any, title: str) -> Any:
+    """The parser's option group with this title (made once), so shared option sets land in the right section."""
+    for existing in getattr(parser, "_action_groups", []):
+        if existing.title == title:
+            return existing
+    return parser.add_argument_group(title)
+
+
 def manifest_options(parser: argparse.ArgumentParser) -> None:
     """--format and the column names of a manifest."""
-    parser.add_argument("--format", default="auto", help="csv, tsv, cc-tsv, jsonl or parquet (default: by extension)")
-    parser.add_argument("--image-column", default="image")
-    parser.add_argument("--caption-column", default="caption")
-    parser.add_argument("--id-column", default=None)
+    data = group(parser, "data")
+    data.add_argument("--format", default="auto",
+                      help="csv, tsv, cc-tsv, jsonl or parquet (default: by the file's extension)")
+    data.add_argument("--image-column", default="image", help="column with the image path or URL")
+    data.add_argument("--caption-column", default="caption", help="column with the reference caption")
+    data.add_argument("--id-column", default=None, help="column with a row id (default: the row number)")
 
 
 def manifest_spec(args: argparse.Namespace) -> Any:
@@ -89,14 +134,16 @@ def manifest_spec(args: argparse.Namespace) -> Any:
 
 def generation_options(parser: argparse.ArgumentParser) -> None:
     """Greedy, sampling or beam search, batch size and precision."""
-    parser.add_argument("--temperature", type=float, default=None, help="sample with this temperature (> 0)")
-    parser.add_argument("--beam-size", type=int, default=None, help="beam search with this many beams")
-    parser.add_argument("--top-k", type=int, default=1, help="with --beam-size: also print the k best captions")
-    parser.add_argument("--batch-size", type=positive, default=None,
-                        help="images per model call (default: 32 on CPUs, where it is fastest; 256 on GPUs)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
-                        help="decoder compute precision (auto: mixed on GPUs, float32 on CPUs)")
+    generation = group(parser, "generation")
+    generation.add_argument("--temperature", type=float, default=None,
+                            help="sample with this temperature (> 0) instead of greedy decoding")
+    generation.add_argument("--beam-size", type=int, default=None, help="beam search with this many beams")
+    generation.add_argument("--top-k", type=int, default=1, help="with --beam-size: also print the k best captions")
+    generation.add_argument("--batch-size", type=positive, default=None,
+                            help="images per model call (default: 32 on CPUs, where it is fastest; 256 on GPUs)")
+    generation.add_argument("--seed", type=int, default=0, help="seed of --temperature sampling")
+    generation.add_argument("--precision", default="auto", choices=PRECISIONS,
+                            help="decoder compute precision (auto: mixed on GPUs, float32 on CPUs)")
 
 
 def generation_config(args: argparse.Namespace, attention: bool) -> GenerationConfig:
@@ -116,17 +163,19 @@ def generation_config(args: argparse.Namespace, attention: bool) -> GenerationCo
 def network_options(parser: argparse.ArgumentParser, s3: bool = True) -> None:
     """The address guard, timeouts and (when s3) the S3 endpoint."""
     defaults = FetchConfig()
-    parser.add_argument("--allow-private-networks", action="store_true",
-                        help="let URLs reach private, loopback and link-local addresses (off by default)")
-    parser.add_argument("--allow-network", action="append", default=[], metavar="CIDR",
-                        help="let URLs reach this private network only (repeatable), e.g. 127.0.0.1/32")
-    parser.add_argument("--timeout", type=seconds, default=defaults.read_timeout,
-                        help=f"read timeout per request, seconds (default {defaults.read_timeout:g})")
-    parser.add_argument("--deadline", type=seconds, default=defaults.deadline,
-                        help=f"total seconds per request, retries and redirects included (default {defaults.deadline:g})")
+    network = group(parser, "network")
+    network.add_argument("--allow-private-networks", action="store_true",
+                         help="let URLs reach private, loopback and link-local addresses (off by default)")
+    network.add_argument("--allow-network", action="append", default=[], metavar="CIDR",
+                         help="let URLs reach this private network only (repeatable), e.g. 127.0.0.1/32")
+    network.add_argument("--timeout", type=seconds, default=defaults.read_timeout,
+                         help="read timeout per request, seconds")
+    network.add_argument("--deadline", type=seconds, default=defaults.deadline,
+                         help="total seconds per request, retries and redirects included")
     if s3:
-        parser.add_argument("--s3-endpoint", default=None,
-                            help="S3-compatible endpoint for s3:// URIs (default: AWS_ENDPOINT_URL or AWS itself)")
+        group(parser, "storage").add_argument(
+            "--s3-endpoint", default=None,
+            help="S3-compatible endpoint for s3:// URIs (default: AWS_ENDPOINT_URL, else AWS itself)")
 
 
 def fetch_config(args: argparse.Namespace) -> FetchConfig:
@@ -140,44 +189,60 @@ def storage_config(args: argparse.Namespace) -> StorageConfig:
     return StorageConfig(s3_endpoint=getattr(args, "s3_endpoint", None))
 
 
+ADDRESS_HELP = ("Ray cluster to run on: HOST:PORT of its GCS, or `auto` for the cluster started on this machine "
+                "(default: the cluster of a submitted job, else a fresh local Ray in this process)")
+
+
 def ray_options(parser: argparse.ArgumentParser) -> None:
-    """Where a Ray job runs, and its progress bar."""
-    parser.add_argument("--address", default=None,
-                        help="Ray cluster address (default: the cluster of a submitted job, else a local Ray)")
-    parser.add_argument("--no-progress", action="store_true")
+    """Where a Ray job runs, and its progress."""
+    ray = group(parser, "Ray")
+    ray.add_argument("--address", default=None, help=ADDRESS_HELP)
+    ray.add_argument("--connect-timeout", type=seconds, default=60.0,
+                     help="seconds to reach --address before giving up with an error")
+    group(parser, "output").add_argument(
+        "--no-progress", action="store_true",
+        help="no progress (default: bars on a terminal, a plain line every 10 s or 10%% in a log file)")
+
+
+def fetch_limits(parser: argparse.ArgumentParser, what: str) -> None:
+    """What a fetch task may read and decode: the bulk and features jobs' shared limits."""
+    fetch = group(parser, "fetching")
+    fetch.add_argument("--fetch-threads", type=positive, default=32, help="concurrent requests per fetch task")
+    fetch.add_argument("--allow-local-files", action="store_true",
+                       help="also read rows that are local paths or file:// URIs" + what)
+    fetch.add_argument("--allow-s3-sources", action="store_true",
+                       help="also read s3:// rows, with this job's credentials" + what)
+    fetch.add_argument("--max-pixels", type=positive, default=BULK_IMAGE.max_pixels,
+                       help="refuse images with more pixels than this")
+    fetch.add_argument("--decode-memory", type=positive, default=512, metavar="MIB",
+                       help="decoded-image memory one fetch task may hold at once, MiB")
 
 
 # The Ray jobs' option sets -----------------------------------------------------------------------------------
 
 def batch_options(parser: argparse.ArgumentParser) -> None:
     """Options of `captioning batch` / `python -m jobs.batch`."""
-    parser.add_argument("--manifest", required=True, help="CSV/TSV/JSONL/Parquet or Conceptual Captions TSV (local/S3)")
-    parser.add_argument("--model", required=True, help="model bundle directory or s3:// prefix, or "
-                        "registry+URI[@vNNNN]: the registry's current version (resolved once, kept in every row)")
-    parser.add_argument("--output", required=True, help="output directory or s3:// prefix")
-    parser.add_argument("--format", default="auto")
-    parser.add_argument("--url-column", default="url")
-    parser.add_argument("--id-column", default=None)
-    parser.add_argument("--caption-column", default="caption", help="reference caption, kept in the output")
-    parser.add_argument("--shard-size", type=positive, default=256, help="rows per committed output shard")
-    parser.add_argument("--actors", type=positive, default=1, help="captioning actors (each loads the model once)")
-    parser.add_argument("--num-gpus", type=non_negative, default=0.0, help="GPUs per captioning actor")
-    parser.add_argument("--actor-cpus", type=non_negative, default=1.0, help="CPUs Ray reserves per captioning actor")
-    parser.add_argument("--inference-threads", type=positive, default=None,
-                        help="TensorFlow threads per captioning actor (default: all CPUs of its node)")
-    parser.add_argument("--fetch-threads", type=positive, default=32, help="concurrent requests per fetch task")
-    parser.add_argument("--no-attention", action="store_true", help="skip attention maps")
-    parser.add_argument("--attention-png", type=int, default=0, metavar="N",
-                        help="also write overlay PNGs for the first N manifest rows")
-    parser.add_argument("--retry-failed", action="store_true", help="redo only rows with transient failures")
-    parser.add_argument("--allow-local-files", action="store_true",
-                        help="also read rows that are local paths or file:// URIs (off: a URL job reads no local file)")
-    parser.add_argument("--allow-s3-sources", action="store_true",
-                        help="also read s3:// rows, with this job's credentials (off by default)")
-    parser.add_argument("--max-pixels", type=positive, default=BULK_IMAGE.max_pixels,
-                        help=f"refuse images with more pixels than this (default {BULK_IMAGE.max_pixels:,})")
-    parser.add_argument("--decode-memory", type=positive, default=512, metavar="MIB",
-                        help="decoded-image memory one fetch task may hold at once, MiB (default 512)")
+    data = group(parser, "data")
+    data.add_argument("--manifest", required=True, help="CSV/TSV/JSONL/Parquet or Conceptual Captions TSV (local/S3)")
+    data.add_argument("--model", required=True, help="model bundle directory or s3:// prefix, or "
+                      "registry+URI[@vNNNN]: the registry's current version (resolved once, kept in every row)")
+    data.add_argument("--output", required=True, help="output directory or s3:// prefix")
+    data.add_argument("--format", default="auto", help="csv, tsv, cc-tsv, jsonl or parquet (default: by extension)")
+    data.add_argument("--url-column", default="url", help="column with the image URL")
+    data.add_argument("--id-column", default=None, help="column with a row id (default: the row number)")
+    data.add_argument("--caption-column", default="caption", help="reference caption, kept in the output")
+    data.add_argument("--shard-size", type=positive, default=256, help="rows per committed output shard")
+    data.add_argument("--no-attention", action="store_true", help="skip attention maps")
+    data.add_argument("--attention-png", type=int, default=0, metavar="N",
+                      help="also write overlay PNGs for the first N manifest rows")
+    data.add_argument("--retry-failed", action="store_true", help="redo only rows with transient failures")
+    ray = group(parser, "Ray")
+    ray.add_argument("--actors", type=positive, default=1, help="captioning actors (each loads the model once)")
+    ray.add_argument("--num-gpus", type=non_negative, default=0.0, help="GPUs per captioning actor")
+    ray.add_argument("--actor-cpus", type=non_negative, default=1.0, help="CPUs Ray reserves per captioning actor")
+    ray.add_argument("--inference-threads", type=positive, default=None,
+                     help="TensorFlow threads per captioning actor (default: all CPUs of its node)")
+    fetch_limits(parser, " (off: a URL job reads no local file)")
     ray_options(parser)
     generation_options(parser)
     network_options(parser)
@@ -203,28 +268,37 @@ def bulk_config(args: argparse.Namespace) -> Any:
     )
 
 
+def backbone_options(parser: argparse.ArgumentParser, seed_alias: bool = False) -> None:
+    """Which backbone embeds the images, its weights and the seed of a random one."""
+    defaults, model_defaults = TrainConfig(), ModelConfig()
+    model = group(parser, "model")
+    model.add_argument("--backbone", default=model_defaults.backbone, choices=BACKBONE_NAMES,
+                       help="frozen image backbone")
+    model.add_argument("--weights", default=defaults.weights,
+                       help="backbone weights: imagenet (downloaded by Keras), none (a seeded random backbone, "
+                       "for offline tests), or a .weights.h5 file")
+    model.add_argument("--backbone-seed", *(["--seed"] if seed_alias else []), dest="backbone_seed", type=int,
+                       default=defaults.backbone_seed,
+                       help="seed of a --weights none backbone, kept apart from the training seed so that training "
+                       "seeds compare on the same features")
+
+
 def features_options(parser: argparse.ArgumentParser) -> None:
     """Options of `captioning features` / `python -m jobs.features`."""
-    defaults, model_defaults = TrainConfig(), ModelConfig()
-    parser.add_argument("--manifest", required=True, help="CSV/TSV/JSONL/Parquet or Conceptual Captions TSV (local/S3)")
-    parser.add_argument("--out", "--output", dest="output", required=True, help="output folder or s3:// prefix")
+    data = group(parser, "data")
+    data.add_argument("--manifest", required=True, help="CSV/TSV/JSONL/Parquet or Conceptual Captions TSV (local/S3)")
+    data.add_argument("--out", "--output", dest="output", required=True, help="output folder or s3:// prefix")
     manifest_options(parser)
-    parser.add_argument("--weights", default=defaults.weights, help="backbone weights: imagenet, none, or a file")
-    parser.add_argument("--backbone", default=model_defaults.backbone)
-    parser.add_argument("--backbone-seed", "--seed", dest="seed", type=int, default=0,
-                        help="seed of a --weights none backbone (default %(default)s)")
-    parser.add_argument("--shard-size", type=positive, default=256, help="rows per committed shard")
-    parser.add_argument("--batch-size", type=positive, default=64, help="images per backbone call")
-    parser.add_argument("--actors", type=positive, default=1, help="backbone actors (each loads it once)")
-    parser.add_argument("--num-gpus", type=non_negative, default=0.0, help="GPUs per backbone actor")
-    parser.add_argument("--actor-cpus", type=non_negative, default=1.0, help="CPUs Ray reserves per actor")
-    parser.add_argument("--fetch-threads", type=positive, default=32, help="concurrent reads per fetch task")
-    parser.add_argument("--allow-local-files", action="store_true",
-                        help="read local paths from a manifest on S3 (a local manifest's own files are read anyway)")
-    parser.add_argument("--allow-s3-sources", action="store_true",
-                        help="read s3:// rows from a local manifest (a manifest on S3 reads its own bucket anyway)")
-    parser.add_argument("--max-pixels", type=positive, default=BULK_IMAGE.max_pixels)
-    parser.add_argument("--decode-memory", type=positive, default=512, metavar="MIB")
+    data.add_argument("--shard-size", type=positive, default=256, help="rows per committed shard")
+    backbone_options(parser, seed_alias=True)
+    model = group(parser, "model")
+    model.add_argument("--batch-size", type=positive, default=64, help="images per backbone call")
+    ray = group(parser, "Ray")
+    ray.add_argument("--actors", type=positive, default=1, help="backbone actors (each loads it once)")
+    ray.add_argument("--num-gpus", type=non_negative, default=0.0, help="GPUs per backbone actor")
+    ray.add_argument("--actor-cpus", type=non_negative, default=1.0, help="CPUs Ray reserves per actor")
+    fetch_limits(parser, " (a manifest reads images of its own kind anyway: local beside a local manifest, s3:// "
+                 "beside one on S3)")
     ray_options(parser)
     network_options(parser)
 
@@ -235,7 +309,7 @@ def features_config(args: argparse.Namespace) -> Any:
 
     return FeaturesConfig.reading_own_kind(
         args.manifest, args.output, spec=manifest_spec(args), backbone=args.backbone, weights=args.weights,
-        seed=args.seed, shard_size=args.shard_size, batch_size=args.batch_size, actors=args.actors,
+        seed=args.backbone_seed, shard_size=args.shard_size, batch_size=args.batch_size, actors=args.actors,
         actor_cpus=args.actor_cpus, num_gpus=args.num_gpus, fetch_threads=args.fetch_threads,
         allow_local_files=args.allow_local_files, allow_s3_sources=args.allow_s3_sources,
         decode_memory=args.decode_memory * 1024 * 1024, fetch=fetch_config(args),
@@ -245,21 +319,27 @@ def features_config(args: argparse.Namespace) -> Any:
 
 def train_options(parser: argparse.ArgumentParser) -> None:
     """Options of `captioning train` / `python -m jobs.train`."""
-    parser.add_argument("--train", required=True, help="training manifest, or a feature set from `captioning features`")
-    parser.add_argument("--val", required=True, help="validation manifest or feature set")
-    parser.add_argument("--out", required=True, help="model folder or s3:// prefix (the same --out resumes a run)")
+    data = group(parser, "data")
+    data.add_argument("--train", required=True, help="training manifest, or a feature set from `captioning features`")
+    data.add_argument("--val", required=True, help="validation manifest or feature set")
+    data.add_argument("--out", required=True, help="model folder or s3:// prefix (the same --out resumes a run)")
     training_options(parser)
+    group(parser, "training").add_argument(
+        "--restart", action="store_true",
+        help="discard the run recorded in --out and start over (without it, a rerun with other settings is refused)")
 
 
 def retrain_options(parser: argparse.ArgumentParser) -> None:
     """Options of `captioning retrain` / `python -m jobs.retrain`."""
-    parser.add_argument("--registry", required=True, help="model registry: folder or s3:// prefix")
-    parser.add_argument("--data-prefix", required=True,
-                        help="folder or s3:// prefix of training manifests; those no version has seen are used")
-    parser.add_argument("--holdout", required=True, help="fixed holdout manifest: the promotion decision's data")
-    parser.add_argument("--val", required=True, help="fixed validation manifest (early stopping); not the holdout")
-    parser.add_argument("--tolerance", type=non_negative, default=0.02,
-                        help="largest relative drop of holdout BLEU-4 or CIDEr that still promotes (default 0.02)")
+    data = group(parser, "data")
+    data.add_argument("--registry", required=True, help="model registry: folder or s3:// prefix")
+    data.add_argument("--data-prefix", required=True,
+                      help="folder or s3:// prefix of training manifests; those no version has seen are used")
+    data.add_argument("--holdout", required=True, help="fixed holdout manifest: the promotion decision's data")
+    data.add_argument("--val", required=True, help="fixed validation manifest (early stopping); not the holdout")
+    group(parser, "promotion").add_argument(
+        "--tolerance", type=non_negative, default=0.02,
+        help="largest relative drop of holdout BLEU-4 or CIDEr that still promotes")
     training_options(parser)
 
 
@@ -267,42 +347,53 @@ def training_options(parser: argparse.ArgumentParser) -> None:
     """Manifest columns, model and training settings, Ray Train scaling: shared by train and retrain."""
     manifest_options(parser)
     defaults, model_defaults, scaling = TrainConfig(), ModelConfig(), Scaling()
-    parser.add_argument("--weights", default=defaults.weights, help="backbone weights: imagenet, none, or a file")
-    parser.add_argument("--backbone", default=model_defaults.backbone)
-    parser.add_argument("--epochs", type=positive, default=defaults.epochs)
-    parser.add_argument("--batch-size", type=positive, default=defaults.batch_size,
-                        help="global batch: caption pairs per step over all workers (default %(default)s)")
-    parser.add_argument("--learning-rate", type=seconds, default=defaults.learning_rate,
-                        help="Adam learning rate, not scaled with the worker count (default %(default)s)")
-    parser.add_argument("--patience", type=positive, default=defaults.patience)
-    parser.add_argument("--steps-per-epoch", type=positive, default=None)
-    parser.add_argument("--max-seconds", type=seconds, default=None, help="stop after the epoch that uses this up")
-    parser.add_argument("--seed", type=int, default=defaults.seed,
-                        help="training seed: initial decoder weights, dropout, shuffling (default %(default)s)")
-    parser.add_argument("--backbone-seed", type=int, default=defaults.backbone_seed,
-                        help="seed of a --weights none backbone, kept apart from --seed so that training seeds "
-                        "compare on the same features (default %(default)s)")
-    parser.add_argument("--shuffle-buffer", type=positive, default=defaults.shuffle_buffer,
-                        help="caption pairs mixed per worker (about 56 KiB each; default %(default)s)")
-    parser.add_argument("--checkpoint-every", type=positive, default=None, metavar="STEPS",
-                        help="also checkpoint every this many steps (default: at each epoch end only)")
-    parser.add_argument("--cache-dir", default=None, help="where features of manifests go (default: <out>/features)")
-    parser.add_argument("--vocab-size", type=positive, default=model_defaults.vocab_size)
-    parser.add_argument("--max-length", type=positive, default=model_defaults.max_length)
-    parser.add_argument("--d-model", type=positive, default=model_defaults.d_model)
-    parser.add_argument("--layers", type=positive, default=model_defaults.num_layers)
-    parser.add_argument("--heads", type=positive, default=model_defaults.num_heads)
-    parser.add_argument("--dropout", type=float, default=model_defaults.dropout)
-    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
-                        help="decoder compute precision (auto: mixed on GPUs, float16 with loss scaling; float32 on CPUs)")
-    parser.add_argument("--workers", type=int, default=0,
-                        help="Ray Train workers (0: train in this process, the default)")
-    parser.add_argument("--gpus-per-worker", type=non_negative, default=scaling.gpus_per_worker)
-    parser.add_argument("--cpus-per-worker", type=non_negative, default=scaling.cpus_per_worker)
-    parser.add_argument("--max-failures", type=int, default=scaling.max_failures,
-                        help="worker failures a Ray run recovers from (default %(default)s)")
-    parser.add_argument("--keep-checkpoints", type=positive, default=scaling.keep_checkpoints,
-                        help="Ray checkpoints kept, the lowest val_loss first (default %(default)s)")
+    data = group(parser, "data")
+    data.add_argument("--cache-dir", default=None, help="where features of manifests go (default: <out>/features)")
+    backbone_options(parser)
+    model = group(parser, "model")
+    model.add_argument("--vocab-size", type=positive, default=model_defaults.vocab_size,
+                       help="most frequent training words kept; the rest are [UNK], which is never scored nor "
+                       "generated")
+    model.add_argument("--max-length", type=positive, default=model_defaults.max_length,
+                       help="tokens per caption, [START] and [END] included (longer captions are cut)")
+    model.add_argument("--d-model", type=positive, default=model_defaults.d_model, help="decoder width")
+    model.add_argument("--layers", type=positive, default=model_defaults.num_layers, help="decoder layers")
+    model.add_argument("--heads", type=positive, default=model_defaults.num_heads,
+                       help="attention heads (must divide --d-model)")
+    model.add_argument("--dropout", type=float, default=model_defaults.dropout, help="decoder dropout rate")
+    model.add_argument("--precision", default="auto", choices=PRECISIONS,
+                       help="decoder compute precision (auto: mixed on GPUs, float16 with loss scaling; float32 on "
+                       "CPUs)")
+    training = group(parser, "training")
+    training.add_argument("--epochs", type=positive, default=defaults.epochs,
+                          help="most epochs; a rerun with a larger value continues the run")
+    training.add_argument("--batch-size", type=positive, default=defaults.batch_size,
+                          help="global batch: caption pairs per step over all workers")
+    training.add_argument("--learning-rate", type=seconds, default=defaults.learning_rate,
+                          help="Adam learning rate, not scaled with the worker count")
+    training.add_argument("--patience", type=positive, default=defaults.patience,
+                          help="epochs without a lower validation loss before early stopping (the best epoch's "
+                          "weights are kept)")
+    training.add_argument("--steps-per-epoch", type=positive, default=None,
+                          help="cap on steps per epoch, for quick runs (default: the whole training set)")
+    training.add_argument("--max-seconds", type=seconds, default=None,
+                          help="stop after the epoch that uses up this many seconds (default: no limit)")
+    training.add_argument("--seed", type=int, default=defaults.seed,
+                          help="training seed: initial decoder weights, dropout, shuffling")
+    training.add_argument("--shuffle-buffer", type=positive, default=defaults.shuffle_buffer,
+                          help="caption pairs mixed per worker (about 56 KiB each)")
+    training.add_argument("--checkpoint-every", type=positive, default=None, metavar="STEPS",
+                          help="also checkpoint every this many steps (default: at each epoch end only)")
+    ray = group(parser, "Ray")
+    ray.add_argument("--workers", type=int, default=0, help="Ray Train workers (0: train in this process)")
+    ray.add_argument("--gpus-per-worker", type=non_negative, default=scaling.gpus_per_worker,
+                     help="GPUs per Ray Train worker (one worker per GPU is the usual choice)")
+    ray.add_argument("--cpus-per-worker", type=non_negative, default=scaling.cpus_per_worker,
+                     help="CPUs Ray reserves per Ray Train worker")
+    ray.add_argument("--max-failures", type=int, default=scaling.max_failures,
+                     help="worker failures a Ray run recovers from, each from its last checkpoint")
+    ray.add_argument("--keep-checkpoints", type=positive, default=scaling.keep_checkpoints,
+                     help="Ray checkpoints kept, the lowest val_loss first")
     ray_options(parser)
     network_options(parser)
 
@@ -331,6 +422,7 @@ def scaling(args: argparse.Namespace) -> Scaling:
 def job_parser(prog: str, description: str, options: Callable[[argparse.ArgumentParser], None]) \
         -> argparse.ArgumentParser:
     """The parser of a job entrypoint (`python -m jobs.NAME`): the local command's very options."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
     options(parser)
+    console_options(parser)
     return parser

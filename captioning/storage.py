@@ -208,6 +208,14 @@ class Storage:
         with self._errors(uri):
             self.client.delete_object(Bucket=bucket, Key=key)
 
+    def delete_tree(self, prefix: str) -> None:
+        """Remove a folder, or every object under a prefix; absent is fine."""
+        if not is_s3(prefix):
+            shutil.rmtree(local_path(prefix), ignore_errors=True)
+            return
+        for uri in self.list(prefix.rstrip("/") + "/"):
+            self.delete(uri)
+
     def _conditional_put(self, uri: str, bucket: str, key: str, data: bytes, **condition: str) -> str | None:
         from botocore.exceptions import ClientError  # noqa: PLC0415
 

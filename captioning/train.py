@@ -27,6 +27,7 @@ from captioning.featureset import FeaturesConfig, FeatureSet, extract_features, 
 from captioning.generate import GenerationConfig, Generator
 from captioning.manifest import Manifest, ManifestSpec, iter_rows
 from captioning.model import BANNED, Captioner, output_bias
+from captioning.runs import claim_run, run_settings
 from captioning.storage import Storage, cache_dir, is_s3, local_path
 from captioning.text import Tokenizer
 from captioning.training.data import StreamingInput
@@ -287,12 +288,17 @@ def train(
     strategy: tf.distribute.Strategy | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    restart: bool = False,
 ) -> TrainResult:
-    """Train in this process and write the bundle to out, a folder or s3:// prefix (resuming when it holds a
-    checkpoint). Sources are manifests (features are made here first) or feature sets."""
+    """Train in this process and write the bundle to out, a folder or s3:// prefix: a run with the settings
+    recorded there resumes from its checkpoint, other settings are refused (restart: discard that run). Sources
+    are manifests (features are made here first) or feature sets."""
     out = str(out)
-    Storage(config.storage).check_writable(out)
+    storage = Storage(config.storage)
+    storage.check_writable(out)
     local = staging_dir(out) if is_s3(out) else local_path(out)
+    settings = run_settings(_uri(train_source), _uri(val_source), config, spec or ManifestSpec(), 0, storage)
+    claim_run(out, settings, storage, restart, lambda: shutil.rmtree(local / CHECKPOINT, ignore_errors=True), log)
     local.mkdir(parents=True, exist_ok=True)
     feature_root = config.cache_dir or str(local / "features")
     prepared = prepare(train_source, val_source, config, spec, feature_root, log=log, progress=progress)

@@ -4,29 +4,29 @@ from __future__ import annotations
 
 import argparse
 
-from captioning.options import fetch_config, log, network_options
+from captioning.options import fetch_config, log, result, network_options
 
 
 def register(commands: argparse._SubParsersAction) -> None:
     """Add the data command group."""
     data = commands.add_parser("data", help="generate or download datasets").add_subparsers(dest="dataset", required=True)
     synthetic = data.add_parser("synthetic", help="deterministic synthetic captioned scenes")
-    synthetic.add_argument("--out", required=True)
-    synthetic.add_argument("--train", type=int, default=2000)
-    synthetic.add_argument("--val", type=int, default=200)
-    synthetic.add_argument("--test", type=int, default=0)
-    synthetic.add_argument("--seed", type=int, default=0)
+    synthetic.add_argument("--out", required=True, help="folder for images/ and the split manifests")
+    synthetic.add_argument("--train", type=int, default=2000, help="training scenes")
+    synthetic.add_argument("--val", type=int, default=200, help="validation scenes")
+    synthetic.add_argument("--test", type=int, default=0, help="test scenes")
+    synthetic.add_argument("--seed", type=int, default=0, help="seed of the scenes (the same seed, the same files)")
     synthetic.set_defaults(handler=run_synthetic)
     flickr = data.add_parser("flickr8k", help="download Flickr8k and write train/val/test manifests")
-    flickr.add_argument("--out", required=True)
+    flickr.add_argument("--out", required=True, help="folder for the images and train/val/test manifests")
     flickr.add_argument("--base-url", default=None, help="mirror of the Flickr8k zips")
     network_options(flickr, s3=False)
     flickr.set_defaults(handler=run_flickr8k)
     cc = data.add_parser("conceptual-captions", help="download Conceptual Captions images from the TSV")
-    cc.add_argument("--out", required=True)
-    cc.add_argument("--split", choices=["train", "validation"], default="validation")
+    cc.add_argument("--out", required=True, help="folder for the fetched images and a manifest of them")
+    cc.add_argument("--split", choices=["train", "validation"], default="validation", help="which TSV to read")
     cc.add_argument("--limit", type=int, default=None, help="only the first N rows")
-    cc.add_argument("--workers", type=int, default=32)
+    cc.add_argument("--workers", type=int, default=32, help="concurrent downloads")
     cc.add_argument("--base-url", default=None, help="mirror of the gcc-data bucket")
     network_options(cc, s3=False)
     cc.set_defaults(handler=run_conceptual_captions)
@@ -38,7 +38,7 @@ def run_synthetic(args: argparse.Namespace) -> int:
 
     splits = {"train": args.train, "val": args.val, **({"test": args.test} if args.test else {})}
     for split, path in synthetic.generate(args.out, splits, seed=args.seed).items():
-        log(f"{split}: {path}")
+        result(f"{split}: {path}")
     return 0
 
 

@@ -10,13 +10,14 @@ from pathlib import Path
 from captioning.config import ImageConfig
 from captioning.options import (fetch_config, generation_config, generation_options, log, manifest_options,
                                 manifest_spec, network_options, storage_config)
+from captioning.options import result as output
 
 
 def register(commands: argparse._SubParsersAction) -> None:
     """Add caption and evaluate."""
     caption = commands.add_parser("caption", help="caption images or URLs with a model directory")
     caption.add_argument("model", help="bundle folder, s3:// prefix, or registry+URI[@vNNNN] (its current version)")
-    caption.add_argument("sources", nargs="+", metavar="IMAGE_OR_URL")
+    caption.add_argument("sources", nargs="+", metavar="IMAGE_OR_URL", help="image files, http(s) URLs or s3:// URIs")
     caption.add_argument("--attention-plot", default=None, metavar="OUT.png",
                          help="word-by-word attention grid (OUT-N.png per image when several)")
     caption.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -26,7 +27,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     evaluate = commands.add_parser("evaluate", help="BLEU, CIDEr and METEOR on a captioned manifest")
     evaluate.add_argument("model", help="bundle folder, s3:// prefix, or registry+URI[@vNNNN]")
-    evaluate.add_argument("manifest")
+    evaluate.add_argument("manifest", help="manifest of images with reference captions (local or s3://)")
     evaluate.add_argument("--out", required=True, help="report JSON")
     evaluate.add_argument("--no-meteor", action="store_true", help="skip METEOR (it needs Java)")
     manifest_options(evaluate)
@@ -67,12 +68,12 @@ def run_caption(args: argparse.Namespace) -> int:
             print(f"error: {result.error}", file=sys.stderr)
             continue
         if args.json:
-            log(json.dumps({"source": result.source, "caption": result.caption, "score": result.score,
+            output(json.dumps({"source": result.source, "caption": result.caption, "score": result.score,
                             "alternatives": result.alternatives}))
         else:
-            log(f"{result.source}\t{result.caption}")
+            output(f"{result.source}\t{result.caption}")
             for alternative, score in (result.alternatives or [])[1:]:
-                log(f"  alt ({score:.3f})\t{alternative}")
+                output(f"  alt ({score:.3f})\t{alternative}")
         if plot:
             out = Path(plot) if len(args.sources) == 1 else Path(plot).with_name(f"{Path(plot).stem}-{index}.png")
             plot_attention(result.image, result.caption.split(), result.attention, out, result.caption)
@@ -95,5 +96,5 @@ def run_evaluate(args: argparse.Namespace) -> int:
                       storage=storage)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
-    log(format_scores(report["scores"]))
+    output(format_scores(report["scores"]))
     return 1 if report["failures"] else 0

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Sequence
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter off the console
-
-from captioning.options import guarded  # noqa: E402
-from cli import batch, data, demo, inference, models, retrain, schedule, storage, submit, train  # noqa: E402
+from captioning.options import HelpFormatter, console_options, guarded
+from cli import batch, data, demo, inference, models, retrain, schedule, storage, submit, train
+from cli.examples import EXAMPLES
 
 GROUPS = (data, train, inference, batch, submit, models, retrain, schedule, storage, demo)
 
@@ -18,11 +16,25 @@ GROUPS = (data, train, inference, batch, submit, models, retrain, schedule, stor
 def build_parser() -> argparse.ArgumentParser:
     """Every command group's subcommands and options."""
     parser = argparse.ArgumentParser(
-        prog="captioning", description="Train an image captioner and caption image manifests at scale on Ray.")
+        prog="captioning", description="Train an image captioner and caption image manifests at scale on Ray.",
+        epilog="example:\n  captioning demo --out runs/demo\n\n`captioning COMMAND --help` explains each command.",
+        formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     for group in GROUPS:
         group.register(commands)
+    for command in commands_of(parser):
+        console_options(command)
+        command.formatter_class = HelpFormatter
+        command.epilog = f"example:\n  {EXAMPLES[command.prog.removeprefix('captioning ')]}"
     return parser
+
+
+def commands_of(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every command's own parser (the leaves below the subcommand groups)."""
+    groups = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    if not groups:
+        return [parser]
+    return [leaf for group in groups for child in dict.fromkeys(group.choices.values()) for leaf in commands_of(child)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -32,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     passed = argv[argv.index("--") + 1:] if "--" in argv else None
     args = build_parser().parse_args(argv[:argv.index("--")] if passed is not None else argv)
     args.passed = passed
-    return guarded(lambda: args.handler(args))
+    return guarded(lambda: args.handler(args), args)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from captioning.options import log, storage_config
+from captioning.options import result, storage_config
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -23,16 +23,16 @@ def register(commands: argparse._SubParsersAction) -> None:
     add = action("add", "register a model bundle as a new version (not promoted unless --promote)", run_add)
     add.add_argument("model", help="bundle folder or s3:// prefix")
     add.add_argument("--promote", action="store_true", help="also make it current")
-    add.add_argument("--reason", default="added by hand")
+    add.add_argument("--reason", default="added by hand", help="why, kept in the registry's history")
     action("list", "every version, the current one marked *", run_list)
     show = action("show", "one version's record, and where its bundle is; --html: a page to look at", run_show)
-    show.add_argument("version")
+    show.add_argument("version", help="a version, such as v0003")
     show.add_argument("--html", default=None, metavar="FOLDER",
                       help="write FOLDER/index.html: lineage, holdout scores against the parent, training curves, "
                            "holdout gallery with attention per word")
     show.add_argument("--gallery", type=int, default=12, help="holdout images in the page (default 12)")
     promote = action("promote", "make a version current", run_promote)
-    promote.add_argument("version")
+    promote.add_argument("version", help="the version to make current, such as v0003")
     promote.add_argument("--reason", required=True, help="why (kept in the history)")
     rollback = action("rollback", "move current back to its parent", run_rollback)
     rollback.add_argument("--reason", required=True, help="why (kept in the history)")
@@ -52,10 +52,10 @@ def run_add(args: argparse.Namespace) -> int:
 
     registry = _registry(args)
     version = add_bundle(registry, args.model, {"source": args.model, "decision": "added by hand"})
-    log(f"{version} added from {args.model}")
+    result(f"{version} added from {args.model}")
     if args.promote:
         registry.promote(version, args.reason)
-        log(f"{version} is current")
+        result(f"{version} is current")
     return 0
 
 
@@ -73,9 +73,9 @@ def run_list(args: argparse.Namespace) -> int:
                      f"{scores['cider']:.4f}" if "cider" in scores else "-", str(info.get("decision", ""))[:60]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
-        log("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        result("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     if current is None:
-        log("(nothing is current yet)")
+        result("(nothing is current yet)")
     return 0
 
 
@@ -85,29 +85,29 @@ def run_show(args: argparse.Namespace) -> int:
     if args.html:
         from captioning.report import write_report  # noqa: PLC0415
 
-        log(f"report: {write_report(registry, args.version, args.html, args.gallery)}")
+        result(f"report: {write_report(registry, args.version, args.html, args.gallery)}")
         return 0
-    log(json.dumps({**registry.info(args.version), "bundle": registry.bundle_uri(args.version)}, indent=2))
+    result(json.dumps({**registry.info(args.version), "bundle": registry.bundle_uri(args.version)}, indent=2))
     return 0
 
 
 def run_promote(args: argparse.Namespace) -> int:
     """captioning models promote."""
     previous = _registry(args).promote(args.version, args.reason)
-    log(f"{args.version} is current (was {previous or 'nothing'})")
+    result(f"{args.version} is current (was {previous or 'nothing'})")
     return 0
 
 
 def run_rollback(args: argparse.Namespace) -> int:
     """captioning models rollback."""
     parent = _registry(args).rollback(args.reason)
-    log(f"rolled back: {parent} is current")
+    result(f"rolled back: {parent} is current")
     return 0
 
 
 def run_history(args: argparse.Namespace) -> int:
     """captioning models history."""
     for event in _registry(args).history():
-        log(f"{event['at']}  {event['event']:<9} {event['version']}  (was {event.get('previous') or '-'})  "
+        result(f"{event['at']}  {event['event']:<9} {event['version']}  (was {event.get('previous') or '-'})  "
             f"by {event['by']}: {event.get('reason', '')}")
     return 0

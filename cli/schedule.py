@@ -19,7 +19,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                           "seconds)")
     schedule.add_argument("--state", required=True, metavar="URI",
                           help="folder or s3:// prefix for the schedule's decisions (a restart reads them)")
-    schedule.add_argument("--kind", default="retrain", choices=["retrain", "batch", "features", "train"])
+    schedule.add_argument("--kind", default="retrain", choices=["retrain", "batch", "features", "train"],
+                          help="which job each tick runs")
     schedule.add_argument("--address", default=None,
                           help="submit each run to this Ray cluster (http://HEAD:8265) instead of running it here")
     schedule.add_argument("--code", choices=["checkout", "image"], default="checkout",

@@ -7,7 +7,7 @@ import os
 import signal
 from pathlib import Path
 
-from captioning.options import log
+from captioning.options import log, result
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -40,7 +40,7 @@ def run_serve(args: argparse.Namespace) -> int:
         env_file = data / "credentials.env"
         # 0600 even when an older file was there: it holds the secret key.
         atomic_write(env_file, "".join(f"export {k}={v}\n" for k, v in server.env().items()).encode(), mode=0o600)
-        log(f"S3 endpoint {server.endpoint} (access key {server.access_key}); "
+        result(f"S3 endpoint {server.endpoint} (access key {server.access_key}); "
             f"credentials: source {env_file}; stop with Ctrl+C")
         try:
             server.process.wait()

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from captioning.errors import CaptioningError
-from captioning.options import log, non_negative
+from captioning.options import log, result, non_negative
 
 ADDRESS_HELP = "the cluster's Ray dashboard, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS or RAY_ADDRESS)"
 
@@ -21,7 +21,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         usage="captioning jobs submit {batch,features,train,retrain} [options] -- <options of `captioning KIND`>",
         description="Runs `python -m jobs.KIND <options>` on the cluster: the same code and options as the local "
                     "command. Storage credentials (AWS_*) travel as the job's environment, never in its options.")
-    submit.add_argument("kind", choices=["batch", "features", "train", "retrain"])
+    submit.add_argument("kind", choices=["batch", "features", "train", "retrain"],
+                        help="the job: the local command of that name, run on the cluster")
     submit.add_argument("--address", default=None, help=ADDRESS_HELP)
     submit.add_argument("--name", default=None, help="a name to show in `jobs list` (default: the job id)")
     submit.add_argument("--wait", action="store_true", help="stream the job's log until it ends; exit 1 unless it "
@@ -41,7 +42,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     for name, helptext in (("status", "a job's state"), ("logs", "a job's log"), ("stop", "stop a job")):
         action = actions.add_parser(name, help=helptext)
-        action.add_argument("job_id")
+        action.add_argument("job_id", help="the id `jobs submit` printed (or the --name given)")
         action.add_argument("--address", default=None, help=ADDRESS_HELP)
         action.add_argument("--record", default=None, metavar="URI", help="update the job's record there too")
         if name == "logs":
@@ -85,7 +86,7 @@ def run_submit(args: argparse.Namespace) -> int:
         records.update(job_id, state, message)
     if state != "SUCCEEDED":
         raise CaptioningError(job_id, f"{state}: {message}".strip(": "))
-    log(f"{job_id} SUCCEEDED")
+    result(f"{job_id} SUCCEEDED")
     return 0
 
 
@@ -97,7 +98,7 @@ def run_status(args: argparse.Namespace) -> int:
     records = _records(args)
     if records:
         records.update(args.job_id, state, message)
-    log(f"{args.job_id}\t{state}" + (f"\t{message}" if message else ""))
+    result(f"{args.job_id}\t{state}" + (f"\t{message}" if message else ""))
     return 0 if state not in ("FAILED", "STOPPED") else 1
 
 
@@ -119,7 +120,7 @@ def run_stop(args: argparse.Namespace) -> int:
 
     cluster = Cluster(args.address)
     stopped = cluster.stop(args.job_id)
-    log(f"{args.job_id}: " + ("stop requested" if stopped else "had already ended"))
+    result(f"{args.job_id}: " + ("stop requested" if stopped else "had already ended"))
     records = _records(args)
     if records:
         try:  # a stop takes a moment: record the end, not the RUNNING before it
@@ -152,5 +153,5 @@ def run_list(args: argparse.Namespace) -> int:
                          for row in sorted(rows.values(), key=lambda r: r.get("submitted_at", ""))]
     widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
     for line in table:
-        log("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+        result("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
     return 0

@@ -9,8 +9,8 @@ import time
 from collections import Counter
 from typing import Callable
 
-from tqdm import tqdm
 
+from captioning import console
 from captioning.bulk import BulkConfig, CaptionShard, check_ranges, fetch_shard, plan_shards, uri, write_shard
 from captioning.errors import CaptioningError
 from captioning.featureset import FeaturesConfig
@@ -18,11 +18,12 @@ from captioning.lease import Lease
 from captioning.options import batch_options, bulk_config, guarded, job_parser, log, show_progress
 from captioning.stage_timings import stage_report
 from captioning.storage import Storage
-from jobs.ray_setup import TASK_CPUS, connect
+from jobs.ray_setup import CONNECT_TIMEOUT, TASK_CPUS, connect
 
 
 
 def run(config: BulkConfig, address: str | None = None, log: Callable[[str], None] = print,
+        connect_timeout: float = CONNECT_TIMEOUT,
         progress: bool = True) -> dict:
     """Caption every manifest row into config.output exactly once; returns the _SUCCESS summary."""
     storage = Storage(config.storage)
@@ -32,11 +33,11 @@ def run(config: BulkConfig, address: str | None = None, log: Callable[[str], Non
     # One run per output at a time: a second one refuses at once, naming the first.
     with Lease(storage, uri(config.output, "_lease.json"), stale_after=config.lease_stale_after, log=log,
                what="captioning batch run"):
-        return _run(config, storage, address, log, progress)
+        return _run(config, storage, address, log, progress, connect_timeout)
 
 
 def _run(config: BulkConfig, storage: Storage, address: str | None, log: Callable[[str], None],
-         progress: bool) -> dict:
+         progress: bool, connect_timeout: float) -> dict:
     import ray  # noqa: PLC0415
 
     started = time.time()
@@ -46,7 +47,7 @@ def _run(config: BulkConfig, storage: Storage, address: str | None, log: Callabl
         + (" (retrying transient failures)" if config.retry_failed else ""))
     fresh = Counter()
     if todo:
-        joined = connect(address)
+        joined = connect(address, timeout=connect_timeout)
         check_cpus(config, ray.cluster_resources().get("CPU", 0.0), fixed=not joined, log=log)
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # one bar of our own, with rows and images/s
@@ -63,8 +64,7 @@ def _run(config: BulkConfig, storage: Storage, address: str | None, log: Callabl
         written = captioned.map(write_shard, fn_kwargs={"config": config}, num_cpus=TASK_CPUS)
         # Every shard is full but the last; a rerun's shards (or retried rows) may be fewer.
         rows_todo = sum(min(config.shard_size, total_rows - shard * config.shard_size) for shard in todo)
-        bar = tqdm(total=rows_todo, desc="captioning", unit="row",
-                   disable=not progress, file=sys.stderr)
+        bar = console.progress(rows_todo, "captioning", "rows", progress)
         for summary in written.iter_rows():
             fresh.update({"rows": summary["fresh"], "ok": summary["ok"], "failed": summary["failed"]})
             bar.update(summary["fresh"])
@@ -117,14 +117,15 @@ def summarise(config: BulkConfig, storage: Storage, total_rows: int, shards_tota
 
 def command(args: argparse.Namespace) -> int:
     """`captioning batch` and `python -m jobs.batch`: one run from the parsed options."""
-    run(bulk_config(args), address=args.address, log=log, progress=show_progress(args))
+    run(bulk_config(args), address=args.address, log=log, connect_timeout=args.connect_timeout,
+        progress=show_progress(args))
     return 0  # every row is committed; failed rows are output rows with their status, not a failed job
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entrypoint of a submitted batch job: the local command's options, one `error:` line on failure."""
     args = job_parser("python -m jobs.batch", __doc__, batch_options).parse_args(argv)
-    return guarded(lambda: command(args))
+    return guarded(lambda: command(args), args)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import psutil
 
 from captioning.atomic import atomic_write
 from captioning.errors import CaptioningError
-from captioning.options import guarded, log, positive
+from captioning.options import guarded, log, positive, result
 from captioning.seaweed import SeaweedServer, free_ports
 
 
@@ -160,15 +160,15 @@ def up(folder: Path, cpus: int | None, buckets: list[str]) -> int:
         head.start(env=storage.env())
         exports = {**head.client_env(), **storage.env()}
         atomic_write(folder / "env.sh", "".join(f"export {k}={v}\n" for k, v in exports.items()).encode(), mode=0o600)
-        atomic_write(pid_file, str(os.getpid()).encode())
         shown = {k: v for k, v in exports.items() if k not in ("AWS_SECRET_ACCESS_KEY",)}
-        log("dev cluster up: Ray head " + head.gcs_address + ", job API " + head.address
-            + ", S3 " + storage.endpoint + (f" (buckets: {', '.join(buckets)})" if buckets else ""))
-        log(f"in another shell: source {folder / 'env.sh'}   (it also holds the S3 secret key; the Ray token is in "
-            f"{head.token_file})")
+        result("dev cluster up: Ray head " + head.gcs_address + ", job API " + head.address
+               + ", S3 " + storage.endpoint + (f" (buckets: {', '.join(buckets)})" if buckets else ""))
+        result(f"in another shell: source {folder / 'env.sh'}   (it also holds the S3 secret key; the Ray token is "
+               f"in {head.token_file})")
         for key, value in shown.items():
-            log(f"  export {key}={value}")
-        log(f"stop with Ctrl+C here, or: cluster/dev-cluster.sh down --dir {folder}")
+            result(f"  export {key}={value}")
+        result(f"stop with Ctrl+C here, or: cluster/dev-cluster.sh down --dir {folder}")
+        atomic_write(pid_file, str(os.getpid()).encode())  # last: a waiting script then reads all of the above
         while head.process.poll() is None and storage.process.poll() is None:
             time.sleep(1.0)
         raise CaptioningError(str(folder), "the Ray head or SeaweedFS exited; see ray-head.log and s3/weed.log")
@@ -193,7 +193,7 @@ def down(folder: Path, timeout: float = 60.0) -> int:
         process.wait(timeout)
     except psutil.NoSuchProcess:
         pid_file.unlink(missing_ok=True)
-    log(f"dev cluster in {folder} stopped")
+    result(f"dev cluster in {folder} stopped")
     return 0
 
 

@@ -11,8 +11,8 @@ import time
 from collections import Counter
 from typing import Any, Callable
 
-from tqdm import tqdm
 
+from captioning import console
 from captioning.bulk import fetch_shard, plan_shards, uri
 from captioning.errors import CaptioningError
 from captioning.featureset import EmbedShard, FeaturesConfig, prepare_backbone, summarise, write_feature_shard
@@ -20,12 +20,13 @@ from captioning.lease import Lease
 from captioning.options import features_config, features_options, guarded, job_parser, log, show_progress
 from captioning.storage import Storage
 from jobs.batch import check_cpus
-from jobs.ray_setup import TASK_CPUS, connect
+from jobs.ray_setup import CONNECT_TIMEOUT, TASK_CPUS, connect
 
 BUFFERED_SHARDS = 4  # decoded shards waiting per backbone actor: bounds the object store
 
 
 def run(config: FeaturesConfig, address: str | None = None, log: Callable[[str], None] = print,
+        connect_timeout: float = CONNECT_TIMEOUT,
         progress: bool = True, backbone: Any = None) -> dict:
     """Features for every manifest row, each shard committed exactly once; returns the _SUCCESS summary.
     backbone: an already-built one to use (default: the configured one)."""
@@ -33,11 +34,11 @@ def run(config: FeaturesConfig, address: str | None = None, log: Callable[[str],
     storage = Storage(config.storage)
     with Lease(storage, uri(config.output, "_lease.json"), stale_after=config.lease_stale_after, log=log,
                what="features run"):
-        return _run(config, storage, address, log, progress, backbone)
+        return _run(config, storage, address, log, progress, backbone, connect_timeout)
 
 
 def _run(config: FeaturesConfig, storage: Storage, address: str | None, log: Callable[[str], None],
-         progress: bool, backbone: Any) -> dict:
+         progress: bool, backbone: Any, connect_timeout: float) -> dict:
     import ray  # noqa: PLC0415
 
     started = time.time()
@@ -52,7 +53,7 @@ def _run(config: FeaturesConfig, storage: Storage, address: str | None, log: Cal
         f"({info['weights_source']})")
     counts: Counter = Counter()
     if todo:
-        joined = connect(address)
+        joined = connect(address, timeout=connect_timeout)
         check_cpus(config, ray.cluster_resources().get("CPU", 0.0), fixed=not joined, log=log)
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
@@ -64,7 +65,7 @@ def _run(config: FeaturesConfig, storage: Storage, address: str | None, log: Cal
         embedded = fetched.map(EmbedShard, fn_constructor_kwargs={"config": config}, num_cpus=config.actor_cpus,
                                num_gpus=config.num_gpus or None, compute=ray.data.ActorPoolStrategy(size=config.actors))
         written = embedded.map(write_feature_shard, fn_kwargs={"config": config}, num_cpus=TASK_CPUS)
-        bar = tqdm(total=len(todo), desc="features", unit="shard", disable=not progress, file=sys.stderr)
+        bar = console.progress(len(todo), "features", "shards", progress)
         for summary in written.iter_rows():
             counts.update({"rows": summary["rows"], "ok": summary["ok"], "failed": summary["failed"]})
             bar.update(1)
@@ -79,14 +80,15 @@ def _run(config: FeaturesConfig, storage: Storage, address: str | None, log: Cal
 
 def command(args: argparse.Namespace) -> int:
     """`captioning features` and `python -m jobs.features`: one run from the parsed options."""
-    run(features_config(args), address=args.address, log=log, progress=show_progress(args))
+    run(features_config(args), address=args.address, log=log, connect_timeout=args.connect_timeout,
+        progress=show_progress(args))
     return 0  # every row is committed; failed rows are recorded with their status, not a failed job
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entrypoint of a submitted features job: the local command's options, one `error:` line on failure."""
     args = job_parser("python -m jobs.features", __doc__, features_options).parse_args(argv)
-    return guarded(lambda: command(args))
+    return guarded(lambda: command(args), args)
 
 
 if __name__ == "__main__":

@@ -2,24 +2,84 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
+import time
+from pathlib import Path
+
+from captioning.errors import CaptioningError
 
 TASK_CPUS = 0.25  # fetch and write tasks mostly wait on the network and storage
+# Every worker of our jobs starts as quietly as the command (captioning.console): no TensorFlow start-up lines.
+WORKER_SETUP = "captioning.console.quiet_worker"
+CONNECT_TIMEOUT = 60.0  # seconds an --address may take to answer
 
 
-def connect(address: str | None, log_to_driver: bool = False) -> bool:
-    """Join the cluster at address, or the cluster of a submitted job (Ray sets RAY_ADDRESS for its driver), or
-    start a fresh local Ray (never whatever cluster this machine last ran). Returns whether it joined a cluster.
+def cluster_address(address: str | None) -> str | None:
+    """host:port of the GCS to join, or None for a fresh local Ray.
+
+    None: the cluster of a submitted job (Ray gives its driver RAY_ADDRESS), else local, never whatever cluster
+    this machine last ran (Ray's own default reads /tmp/ray/ray_current_cluster, which a killed head leaves
+    behind). `auto`: the cluster last started on this machine, as Ray records it.
+    """
+    given = os.environ.get("RAY_ADDRESS", "")
+    # An http:// RAY_ADDRESS is a job API address (for `jobs submit`), not a cluster to join.
+    address = address or (given if given and "://" not in given else None)
+    if address is None or address == "local":
+        return None
+    if address == "auto":
+        # Only what `ray start` recorded (Ray's own "auto" also joins any Ray process it finds running, which on a
+        # shared machine may be somebody else's).
+        from ray._private.services import find_bootstrap_address  # noqa: PLC0415
+
+        found = find_bootstrap_address(None)
+        if not found:
+            raise CaptioningError("--address auto", "no Ray cluster was started on this machine (`ray start "
+                                  "--head` starts one; without --address a local Ray runs in this process)")
+        return found
+    return address
+
+
+def wait_reachable(address: str, timeout: float, shown: str | None = None) -> None:
+    """Return once something listens at host:port; one clear error after `timeout` seconds (Ray itself would
+    retry for minutes, printing a line every few seconds)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise CaptioningError(shown or address, "expected HOST:PORT of a Ray cluster's GCS, or auto")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=min(5.0, timeout)):
+                return
+        except OSError as err:
+            if time.monotonic() >= deadline:
+                raise CaptioningError(shown or address, f"no Ray cluster answers at {address} (tried for "
+                                      f"{timeout:.0f} s: {err.strerror or err}); check the address, or leave "
+                                      "--address out to run on a local Ray") from None
+        time.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)))
+
+
+def connect(address: str | None, log_to_driver: bool = False, timeout: float = CONNECT_TIMEOUT) -> bool:
+    """Join the cluster at address (see cluster_address), or start a fresh local Ray. Returns whether it joined a
+    cluster.
 
     Workers inherit this environment, AWS settings included. log_to_driver: show workers' output here (training
     prints its epochs from rank 0); off for Ray Data jobs, which report through their own progress bar.
     """
     import ray  # noqa: PLC0415
 
-    given = os.environ.get("RAY_ADDRESS", "")
-    # A job's driver gets the cluster's GCS address; an http:// one is a job API address for `jobs submit`.
-    address = address or (given if given and "://" not in given else None)
+    from captioning import console  # noqa: PLC0415
+
+    if not console.verbose():  # Ray's notices (token auth, Data's execution plan) are not the job's progress
+        for name in ("ray", "ray.train"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(Path(__file__).with_name("ray_data_logging.yaml")))
+    target = cluster_address(address)
+    if target is not None:
+        wait_reachable(target, timeout, shown=f"--address {address}" if address else "RAY_ADDRESS")
     if not ray.is_initialized():
-        ray.init(address=address or "local", include_dashboard=bool(address), logging_level="ERROR",
-                 log_to_driver=log_to_driver, configure_logging=False)
-    return address is not None
+        ray.init(address=target or "local", include_dashboard=target is not None, logging_level="ERROR",
+                 log_to_driver=log_to_driver, configure_logging=False,
+                 runtime_env={"worker_process_setup_hook": WORKER_SETUP})
+    return target is not None

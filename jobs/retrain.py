@@ -186,7 +186,7 @@ def command(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entrypoint of a submitted or scheduled retraining job: one `error:` line on failure."""
     args = job_parser("python -m jobs.retrain", __doc__, retrain_options).parse_args(argv)
-    return guarded(lambda: command(args))
+    return guarded(lambda: command(args), args)
 
 
 if __name__ == "__main__":

@@ -268,7 +268,7 @@ class Cluster:
                 raise CaptioningError(where, f"no such job: {message[:300]}", "not_found") from None
             raise CaptioningError(where, message[:500]) from None
 
-    def submit(self, submission: Submission, log: Callable[[str], None] = options.log) -> str:
+    def submit(self, submission: Submission, log: Callable[[str], None] = options.result) -> str:
         """Submit a job; returns its id."""
         import tempfile  # noqa: PLC0415
 

@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from captioning.config import Scaling, TrainConfig
+from captioning.console import LEVEL_ENV, VERBOSE_ENV
 from captioning.errors import CaptioningError
 from captioning.manifest import ManifestSpec
-from captioning.options import guarded, job_parser, log, manifest_spec, show_progress, train_config, train_options
+from captioning.options import guarded, job_parser, log, result, manifest_spec, show_progress, train_config, train_options
+from captioning.runs import claim_run, run_settings
 from captioning.options import scaling as scaling_of
 from captioning.storage import Storage, absolute, is_s3
-from jobs.ray_setup import connect
+from jobs.ray_setup import CONNECT_TIMEOUT, WORKER_SETUP, connect
 
 RUN_NAME = "checkpoints"  # the Ray Train run folder under --out; the same --out resumes it
 
@@ -78,8 +80,9 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
 
 def run(train_source: str, val_source: str, out: str, config: TrainConfig, scaling: Scaling,
         spec: ManifestSpec | None = None, address: str | None = None, log: Callable[[str], None] = print,
-        progress: bool = True) -> dict[str, Any]:
-    """Train on Ray Train into out (folder or s3:// prefix); returns the bundle's metrics."""
+        progress: bool = True, restart: bool = False, connect_timeout: float = CONNECT_TIMEOUT) -> dict[str, Any]:
+    """Train on Ray Train into out (folder or s3:// prefix), resuming the run recorded there when its settings
+    are these (restart: discard it); returns the bundle's metrics."""
     import ray.train  # noqa: PLC0415
     from ray.train.tensorflow import TensorflowTrainer  # noqa: PLC0415
 
@@ -89,12 +92,15 @@ def run(train_source: str, val_source: str, out: str, config: TrainConfig, scali
     out = out if is_s3(out) else absolute(out)
     storage = Storage(config.storage)
     storage.check_writable(out)  # before the cluster, the features and the epochs
-    connect(address, log_to_driver=True)
     train_source = train_source if is_s3(train_source) else absolute(str(train_source))
     val_source = val_source if is_s3(val_source) else absolute(str(val_source))
+    settings = run_settings(train_source, val_source, config, spec or ManifestSpec(), scaling.workers, storage)
+    claim_run(out, settings, storage, restart, lambda: storage.delete_tree(f"{out.rstrip('/')}/{RUN_NAME}"), log)
+    connect(address, log_to_driver=True, timeout=connect_timeout)
 
     def make(features, backbone) -> None:  # noqa: ANN001  (manifests: the features job, on this cluster)
-        features_job.run(features, address=address, log=log, progress=progress, backbone=backbone)
+        features_job.run(features, address=address, log=log, connect_timeout=connect_timeout, progress=progress,
+                         backbone=backbone)
 
     prepared = prepare(train_source, val_source, config, spec, config.cache_dir or f"{out.rstrip('/')}/features",
                        make=make, log=log, progress=progress, workers=scaling.workers)
@@ -116,7 +122,7 @@ def run(train_source: str, val_source: str, out: str, config: TrainConfig, scali
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=scaling.keep_checkpoints,
                                                          checkpoint_score_attribute="val_loss",
                                                          checkpoint_score_order="min"),
-            worker_runtime_env={"env_vars": worker_env()}),
+            worker_runtime_env={"env_vars": worker_env(), "worker_process_setup_hook": WORKER_SETUP}),
     )
     try:
         result = trainer.fit()
@@ -133,6 +139,7 @@ def worker_env() -> dict[str, str]:
     """Settings workers need beside what Ray passes on: quiet TensorFlow, and the S3 endpoint if one is set
     (credentials come from the workers' own environment or instance role, never through job metadata)."""
     names = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+    names += (VERBOSE_ENV, LEVEL_ENV)
     return {"TF_CPP_MIN_LOG_LEVEL": "2", **{name: os.environ[name] for name in names if os.environ.get(name)}}
 
 
@@ -140,22 +147,23 @@ def command(args: argparse.Namespace) -> int:
     """`captioning train` and `python -m jobs.train`: in this process, or on Ray Train with --workers."""
     config, scale, spec = train_config(args), scaling_of(args), manifest_spec(args)
     if scale.workers:
-        result = run(args.train, args.val, args.out, config, scale, spec, args.address, log=log,
-                     progress=show_progress(args))
-        log(f"model {result['version']} written to {args.out} (best epoch {result['best_epoch']}, "
-            f"{result['restores']} restore(s))")
+        metrics = run(args.train, args.val, args.out, config, scale, spec, args.address, log=log,
+                      progress=show_progress(args), restart=args.restart, connect_timeout=args.connect_timeout)
+        result(f"model {metrics['version']} written to {args.out} (best epoch {metrics['best_epoch']}, "
+               f"{metrics['restores']} restore(s))")
         return 0
     from captioning.train import train  # noqa: PLC0415
 
-    done = train(args.train, args.val, args.out, config, spec, progress=show_progress(args), log=log)
-    log(f"model {done.version} written to {done.bundle} (best epoch {done.best_epoch})")
+    done = train(args.train, args.val, args.out, config, spec, progress=show_progress(args), log=log,
+                 restart=args.restart)
+    result(f"model {done.version} written to {done.bundle} (best epoch {done.best_epoch})")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entrypoint of a submitted training job: the local command's options, one `error:` line on failure."""
     args = job_parser("python -m jobs.train", __doc__, train_options).parse_args(argv)
-    return guarded(lambda: command(args))
+    return guarded(lambda: command(args), args)
 
 
 if __name__ == "__main__":

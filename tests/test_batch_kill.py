@@ -125,8 +125,8 @@ def test_killed_workers_then_a_killed_job_finish_exactly_once(slow_manifest, tra
 
     second = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
-    assert f"{SHARDS - committed_before} to process" in second.stdout
-    assert "its process is gone" in second.stdout  # the killed run's lease was taken over at once
+    assert f"{SHARDS - committed_before} to process" in second.stderr
+    assert "its process is gone" in second.stderr  # the killed run's lease was taken over at once
     assert_exactly_once(out)
     # Shards were captioned by the first actor, its replacement or the rerun's actor: more than one start-up.
     starts = {json.loads(marker.read_text())["timing"]["spans"]["actor_init"][0] for marker in committed(out)}

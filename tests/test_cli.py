@@ -138,19 +138,76 @@ def test_a_misread_manifest_stops_before_any_work(trained_bundle, tmp_path, caps
     assert not (tmp_path / "out" / "_plan.json").exists() and not (tmp_path / "out" / "_input").exists()
 
 
-def test_progress_bars_only_on_a_terminal(monkeypatch):
+def test_progress_is_a_bar_on_a_terminal_plain_lines_in_a_file_and_nothing_when_off(monkeypatch):
     import argparse
     import io
     import sys
 
+    from tqdm import tqdm
+
+    from captioning import console
     from captioning.options import show_progress
 
     class Terminal(io.StringIO):
         def isatty(self):
             return True
 
-    monkeypatch.setattr(sys, "stderr", Terminal())
     assert show_progress(argparse.Namespace(no_progress=False))
     assert not show_progress(argparse.Namespace(no_progress=True))
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert isinstance(console.progress(10, "x", "rows"), tqdm)
     monkeypatch.setattr(sys, "stderr", io.StringIO())  # a log file, a submitted job's log
-    assert not show_progress(argparse.Namespace(no_progress=False))
+    bar = console.progress(10, "x", "rows")
+    assert isinstance(bar, console.LineProgress) and not isinstance(bar, tqdm)
+    silent = console.progress(10, "x", "rows", enabled=False)
+    silent.update(10)
+    silent.close()
+    assert sys.stderr.getvalue() == ""
+
+
+def test_every_option_of_every_command_explains_itself_and_shows_its_default():
+    import argparse
+
+    from captioning.options import HelpFormatter
+    from cli.examples import EXAMPLES
+    from cli.main import build_parser, commands_of
+
+    commands = commands_of(build_parser())
+    assert len(commands) == len(EXAMPLES) >= 20
+    for command in commands:
+        formatter = HelpFormatter(command.prog)
+        for action in command._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            text = formatter._get_help_string(action) or ""
+            assert text.strip(), f"{command.prog} {action.option_strings or action.dest}: no help"
+            unset = action.default is None or action.default is False or action.default == []
+            if action.option_strings and not unset:
+                assert "default" in text, f"{command.prog} {action.option_strings[0]}: default not shown"
+        shown = command.format_help()
+        assert shown.rstrip().splitlines()[-1].strip().startswith("captioning "), f"{command.prog}: no example"
+        assert shown.rstrip().splitlines()[-2].strip() == "example:"
+
+
+def test_train_help_groups_its_options_and_the_command_list_loads_neither_tensorflow_nor_ray():
+    import subprocess
+    import sys
+
+    from cli.main import build_parser, commands_of
+
+    train = next(c for c in commands_of(build_parser()) if c.prog == "captioning train")
+    sections = [line[:-1] for line in train.format_help().splitlines() if line and not line[0].isspace()
+                and line.endswith(":")]
+    assert sections == ["options", "data", "model", "training", "Ray", "output", "network", "storage", "example"]
+    # `captioning --help` stays instant because building every parser imports neither.
+    code = ("import sys; from cli.main import build_parser; build_parser().format_help(); "
+            "print(sorted(m for m in ('tensorflow', 'ray', 'keras') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_the_backbone_choices_of_the_options_are_the_backbones_there_are():
+    from captioning.features import BACKBONES
+    from captioning.options import BACKBONE_NAMES
+
+    assert sorted(BACKBONE_NAMES) == sorted(BACKBONES)

@@ -46,7 +46,7 @@ def test_a_killed_features_job_reruns_to_every_row_exactly_once(slow_urls, tmp_p
 
     second = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
-    assert f"{ROWS // SHARD - before} to process" in second.stdout, second.stdout[:600]
+    assert f"{ROWS // SHARD - before} to process" in second.stderr, second.stderr[:600]
     features = FeatureSet(str(out))
     records = [r for shard in features.shards for r in features.records(shard.name)]
     assert sorted(r["id"] for r in records) == sorted(f"r{i}" for i in range(ROWS))  # every row, each once

@@ -8,8 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-from tqdm import tqdm
 
+from captioning import console
 from captioning.atomic import atomic_write
 from captioning.config import FetchConfig, ImageConfig
 from captioning.errors import CaptioningError, internal_error
@@ -71,7 +71,7 @@ def download(
         for err in manifest.errors:
             bad.write(json.dumps({"row": err.source, "status": err.reason, "error": err.message}) + "\n")
             counts["failed"] += 1
-        bar = tqdm(total=len(rows), desc=f"conceptual captions {split}", unit="img")
+        bar = console.progress(len(rows), f"conceptual captions {split}", "images")
         chunk = workers * 16  # bounded in-flight work: the TSV may hold millions of rows
         for start in range(0, len(rows), chunk):
             batch = rows[start : start + chunk]

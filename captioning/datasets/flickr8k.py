@@ -8,8 +8,8 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
-from tqdm import tqdm
 
+from captioning import console
 from captioning.atomic import atomic_write
 from captioning.config import FetchConfig
 from captioning.errors import CaptioningError
@@ -86,7 +86,7 @@ def _extract_images(path: Path, folder: Path) -> set[str]:
         with zipfile.ZipFile(path) as archive:
             members = [m for m in archive.infolist() if m.filename.lower().endswith(".jpg") and not m.is_dir()]
             names = set()
-            for member in tqdm(members, desc="extracting images", unit="img"):
+            for member in console.progress(desc="extracting images", unit="images", iterable=members):
                 name = Path(member.filename).name  # flattened: no path from the archive reaches the disk
                 if name.startswith("._"):
                     continue  # macOS resource forks shipped inside the zip

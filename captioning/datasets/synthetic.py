@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
+from captioning import console
 from captioning.atomic import atomic_path
 
 SIZE = 224
@@ -143,7 +143,8 @@ def generate(out: str | Path, splits: dict[str, int], seed: int = 0, progress: b
         folder.mkdir(parents=True, exist_ok=True)
         path = out / f"{split}.jsonl"
         with atomic_path(path) as tmp, tmp.open("w") as handle:
-            for i in tqdm(range(count), desc=f"synthetic {split}", disable=not progress, unit="img"):
+            for i in console.progress(desc=f"synthetic {split}", unit="images", enabled=progress,
+                                      iterable=range(count)):
                 # One generator per image: image i is the same whatever the split size.
                 rng = np.random.default_rng([seed, SPLIT_STREAMS.get(split, 9), i])
                 scene = make_scene(rng)

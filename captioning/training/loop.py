@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import resource
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Sequence
@@ -12,9 +11,9 @@ from typing import Any, Callable, Iterator, Sequence
 import keras
 import numpy as np
 import tensorflow as tf
-from tqdm import tqdm
 
 from captioning.config import TrainConfig
+from captioning.console import progress as progress_bar
 from captioning.errors import CaptioningError
 from captioning.model import Captioner
 from captioning.text import PAD, RESERVED, UNK
@@ -132,8 +131,7 @@ class Trainer:
         step_fn = self._train_step if train else self._eval_step
         totals = Totals()
         waited = 0.0
-        bar = tqdm(total=steps, initial=skip, desc=desc, unit="batch", disable=not progress, leave=False,
-                   file=sys.stderr)
+        bar = progress_bar(steps, desc, "batches", progress, leave=False, initial=skip)
         for i in range(steps):
             began = time.perf_counter()
             batch = next(batches)
@@ -217,7 +215,11 @@ class EpochLoop:
 
         # One iterator per split for the whole run: the datasets are endless, an epoch is `steps` batches.
         train_batches, val_batches = iter(train_data), iter(val_data)
-        for epoch in range(state.epoch, self.epochs):
+        last = self.epochs
+        if state.stopped_early:  # a finished run, resumed: early stopping has decided, more epochs change nothing
+            self.log(f"this run stopped early after epoch {state.epoch}: nothing left to train")
+            last = state.epoch
+        for epoch in range(state.epoch, last):
             skip = state.step
             started = time.perf_counter()
             train = self.trainer.run_epoch(train_batches, True, steps, f"epoch {epoch + 1}/{self.epochs}", self.progress,

@@ -22,6 +22,22 @@ class CaptioningError(Exception):
         return type(self), (self.source, self.message, self.reason)
 
 
+def captioning_cause(err: BaseException) -> CaptioningError | None:
+    """The CaptioningError behind err: itself, or one Ray wrapped (a task's error reaches the driver inside
+    RayTaskError or Ray Data's UserCodeException)."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [err]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, CaptioningError) and type(current).__module__.startswith("captioning"):
+            return current
+        stack += [getattr(current, "cause", None), current.__cause__, current.__context__]
+    return None
+
+
 class ManifestError(CaptioningError):
     """A manifest file, or one of its rows, cannot be read."""
 

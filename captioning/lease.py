@@ -16,6 +16,9 @@ from captioning.errors import CaptioningError
 from captioning.storage import Storage, StorageError
 
 
+_HELD: set[str] = set()  # ids of the leases this process holds now
+
+
 class LeaseHeld(CaptioningError):
     """Another live run holds the lease."""
 
@@ -47,6 +50,14 @@ class Lease:
 
     def acquire(self) -> "Lease":
         """Take the lease, or raise LeaseHeld naming the live holder."""
+        _HELD.add(self.id)  # before it can be seen: a thread of this process must not think it a leftover
+        try:
+            return self._acquire()
+        except BaseException:
+            _HELD.discard(self.id)
+            raise
+
+    def _acquire(self) -> "Lease":
         for _ in range(3):  # the holder may release between our create and our read
             self._tag = self.storage.create(self.uri, self.record())
             if self._tag:
@@ -96,13 +107,19 @@ class Lease:
     def release(self) -> None:
         """Stop the heartbeat and remove the lease if it is still ours."""
         self._stop.set()
+        _HELD.discard(self.id)
         if self._thread is not None:
             self._thread.join()
         if self.lost or not self._tag:
             return
-        current = self.storage.read_tagged(self.uri)
-        if current is not None and current[1] == self._tag:
-            self.storage.delete(self.uri)
+        storage = self.storage.patient(5.0)  # on the way out of a failed run: do not wait out a long outage
+        try:
+            current = storage.read_tagged(self.uri)
+            if current is not None and current[1] == self._tag:
+                storage.delete(self.uri)
+        except StorageError as err:
+            self.log(f"warning: could not release the lease on {self.uri} ({err.message}); it goes stale "
+                     f"{self.stale_after:.0f} s after its last heartbeat, or at once for a rerun on this host")
 
     def __enter__(self) -> "Lease":
         return self.acquire()
@@ -111,10 +128,23 @@ class Lease:
         self.release()
 
 
+def live_holder(storage: Storage, uri: str, stale_after: float = 120.0) -> dict | None:
+    """Who holds the lease at uri while its heartbeat is fresh and its process alive, else None: how a scheduler
+    tells that a run is still writing an output, wherever that run was started."""
+    current = storage.read_tagged(uri)
+    if current is None:
+        return None
+    holder = _parse(current[0])
+    age = time.time() - float(holder.get("heartbeat", 0.0))
+    return {**holder, "age": age} if age < stale_after and not _gone(holder) else None
+
+
 def _gone(holder: dict) -> bool:
     """True when the holder ran on this host and its process no longer exists (killed, not stopped)."""
     if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
         return False  # another machine: only the heartbeat can tell
+    if holder["pid"] == os.getpid() and holder.get("id") not in _HELD:
+        return True  # an earlier run in this very process, which could not remove its lease (storage was down)
     try:
         return psutil.Process(holder["pid"]).create_time() != holder.get("pid_started")
     except psutil.NoSuchProcess:

@@ -14,7 +14,7 @@ from typing import Any, Callable
 from captioning.config import (BULK_IMAGE, FetchConfig, GenerationConfig, ModelConfig, Scaling, StorageConfig,
                                TrainConfig)
 from captioning import console
-from captioning.errors import CaptioningError
+from captioning.errors import CaptioningError, captioning_cause
 
 PRECISIONS = ["auto", "float32", "mixed_float16", "mixed_bfloat16"]
 BACKBONE_NAMES = ["mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0"]  # captioning.features.BACKBONES
@@ -51,12 +51,16 @@ def guarded(command: Callable[[], int], args: argparse.Namespace | None = None) 
         console.setup(getattr(args, "log_level", None), getattr(args, "verbose", False))
     try:
         return command()
-    except CaptioningError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001  (only ours become one line; anything else is a bug: traceback)
+        cause = captioning_cause(err)
+        if cause is None:
+            raise
+        # One line, whatever Ray wrapped around it (its remote traceback is in the job's worker logs).
+        print(f"error: {cause.source}: {' '.join(cause.message.split())}", file=sys.stderr)
+        return 2
 
 
 def show_progress(args: argparse.Namespace) -> bool:
@@ -173,9 +177,12 @@ def network_options(parser: argparse.ArgumentParser, s3: bool = True) -> None:
     network.add_argument("--deadline", type=seconds, default=defaults.deadline,
                          help="total seconds per request, retries and redirects included")
     if s3:
-        group(parser, "storage").add_argument(
-            "--s3-endpoint", default=None,
-            help="S3-compatible endpoint for s3:// URIs (default: AWS_ENDPOINT_URL, else AWS itself)")
+        storage = group(parser, "storage")
+        storage.add_argument("--s3-endpoint", default=None,
+                             help="S3-compatible endpoint for s3:// URIs (default: AWS_ENDPOINT_URL, else AWS itself)")
+        storage.add_argument("--storage-retry-window", type=seconds, default=StorageConfig().retry_window,
+                             metavar="SECONDS", help="how long each storage operation rides out an outage, "
+                             "throttling or 5xx answers (backoff with jitter) before the run stops with one error")
 
 
 def fetch_config(args: argparse.Namespace) -> FetchConfig:
@@ -186,7 +193,9 @@ def fetch_config(args: argparse.Namespace) -> FetchConfig:
 
 def storage_config(args: argparse.Namespace) -> StorageConfig:
     """The StorageConfig of network_options."""
-    return StorageConfig(s3_endpoint=getattr(args, "s3_endpoint", None))
+    defaults = StorageConfig()
+    return StorageConfig(s3_endpoint=getattr(args, "s3_endpoint", None),
+                         retry_window=getattr(args, "storage_retry_window", defaults.retry_window))
 
 
 ADDRESS_HELP = ("Ray cluster to run on: HOST:PORT of its GCS, or `auto` for the cluster started on this machine "

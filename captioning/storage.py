@@ -6,11 +6,14 @@ import fcntl
 import hashlib
 import mimetypes
 import os
+import random
 import shutil
 import stat
+import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 from urllib.parse import urlsplit
 
 from captioning.atomic import TEMP_PREFIX, atomic_path, atomic_write, fsync_folder, temporary_name
@@ -63,8 +66,16 @@ def split_s3(uri: str) -> tuple[str, str]:
     return parts.netloc, parts.path.lstrip("/")
 
 
+T = TypeVar("T")
+
+# StorageError reasons worth waiting out: the server or the network, not the request.
+TRANSIENT = frozenset({"unreachable", "throttled", "server_error", "upload_failed"})
+
+
 class Storage:
-    """Reads and writes bytes and files at local or s3:// URIs."""
+    """Reads and writes bytes and files at local or s3:// URIs. Every S3 operation rides out transient trouble
+    for config.retry_window seconds (then one StorageError, reason "unavailable"); permanent errors (access
+    denied, no such bucket) fail at once."""
 
     def __init__(self, config: StorageConfig | None = None, client=None) -> None:  # noqa: ANN001
         """client: a ready boto3 S3 client (tests, launchers); by default one is built from config on first use."""
@@ -95,6 +106,32 @@ class Storage:
             )
         return self._client
 
+    def patient(self, seconds: float) -> "Storage":
+        """This storage (same client) with another retry window: a short one where waiting is pointless."""
+        return Storage(replace(self.config, retry_window=seconds), self._client)
+
+    def _call(self, uri: str, operation: Callable[[], T]) -> T:
+        """operation(), retried with exponential backoff and jitter while it fails transiently, for at most
+        the retry window; botocore errors become one StorageError naming uri."""
+        started, attempt = None, 0
+        while True:
+            try:
+                with self._errors(uri):
+                    return operation()
+            except StorageError as err:
+                if err.reason not in TRANSIENT:
+                    raise
+                now = time.monotonic()
+                started = now if started is None else started
+                left = self.config.retry_window - (now - started)
+                if left <= 0:
+                    raise StorageError(self.endpoint or "object storage",
+                                       f"no answer for {self.config.retry_window:.0f} s (the storage retry window) "
+                                       f"while working on {uri}: {err.message}", "unavailable") from None
+                delay = min(self.config.retry_cap, self.config.retry_base * 2 ** attempt) * random.uniform(0.5, 1.0)
+                time.sleep(min(delay, left))
+                attempt += 1
+
     @property
     def endpoint(self) -> str | None:
         """The S3 endpoint: the configured one, else AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, else AWS itself."""
@@ -113,7 +150,10 @@ class Storage:
         if self.endpoint:
             parts = urlsplit(self.endpoint)
             options.update(endpoint_override=parts.netloc + parts.path.rstrip("/"), scheme=parts.scheme or "https")
-        return f"{bucket}/{key}".rstrip("/"), pyarrow.fs.S3FileSystem(**options)
+        # Ray Train's checkpoint uploads go through this filesystem: the AWS SDK's standard retries (backoff up to
+        # 20 s), enough attempts to span about the same retry window as the rest of the storage calls.
+        retries = pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=max(3, int(self.config.retry_window / 10)))
+        return f"{bucket}/{key}".rstrip("/"), pyarrow.fs.S3FileSystem(retry_strategy=retries, **options)
 
     def _transfer(self):  # noqa: ANN202
         from boto3.s3.transfer import TransferConfig  # noqa: PLC0415
@@ -126,7 +166,8 @@ class Storage:
         if not is_s3(uri):
             return _read_local(uri, max_bytes)
         bucket, key = split_s3(uri)
-        with self._errors(uri):
+
+        def get() -> bytes:
             response = self.client.get_object(Bucket=bucket, Key=key)
             if max_bytes is not None and response["ContentLength"] > max_bytes:
                 response["Body"].close()
@@ -134,14 +175,16 @@ class Storage:
                                    "byte limit", "too_large")
             return response["Body"].read()
 
+        return self._call(uri, get)
+
     def write_bytes(self, uri: str, data: bytes, content_type: str | None = None) -> None:
         """Write atomically (local: synced temp file then rename; S3: a single PUT is atomic)."""
         if not is_s3(uri):
             atomic_write(local_path(uri), data)
             return
         bucket, key = split_s3(uri)
-        with self._errors(uri):
-            self.client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type or _content_type(key))
+        self._call(uri, lambda: self.client.put_object(Bucket=bucket, Key=key, Body=data,
+                                                       ContentType=content_type or _content_type(key)))
 
     def read_tagged(self, uri: str) -> tuple[bytes, str] | None:
         """(content, version tag) of a small object or file, or None if absent: the input of replace_if."""
@@ -156,7 +199,7 @@ class Storage:
         bucket, key = split_s3(uri)
         from botocore.exceptions import ClientError  # noqa: PLC0415
 
-        with self._errors(uri):
+        def get() -> tuple[bytes, str] | None:
             try:
                 response = self.client.get_object(Bucket=bucket, Key=key)
             except ClientError as err:
@@ -164,6 +207,8 @@ class Storage:
                     return None
                 raise
             return response["Body"].read(), response["ETag"]
+
+        return self._call(uri, get)
 
     def create(self, uri: str, data: bytes) -> str | None:
         """Write only if nothing is there yet (S3: If-None-Match: *); the new tag, or None if something was."""
@@ -205,8 +250,7 @@ class Storage:
             local_path(uri).unlink(missing_ok=True)
             return
         bucket, key = split_s3(uri)
-        with self._errors(uri):
-            self.client.delete_object(Bucket=bucket, Key=key)
+        self._call(uri, lambda: self.client.delete_object(Bucket=bucket, Key=key))
 
     def delete_tree(self, prefix: str) -> None:
         """Remove a folder, or every object under a prefix; absent is fine."""
@@ -219,7 +263,11 @@ class Storage:
     def _conditional_put(self, uri: str, bucket: str, key: str, data: bytes, **condition: str) -> str | None:
         from botocore.exceptions import ClientError  # noqa: PLC0415
 
-        with self._errors(uri):
+        attempts = 0
+
+        def put() -> str | None:
+            nonlocal attempts
+            attempts += 1
             try:
                 response = self.client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=_content_type(key),
                                                   **condition)
@@ -228,7 +276,16 @@ class Storage:
                 if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
                     return None  # someone else wrote first: the answer, not an error
                 raise
-        return response["ETag"]
+            return response["ETag"]
+
+        tag = self._call(uri, put)
+        if tag is None and attempts > 1:
+            # A retried write whose first try landed but whose answer was lost now fails its own condition:
+            # if the object holds exactly our bytes, the write was ours.
+            current = self.read_tagged(uri)
+            if current is not None and current[0] == data:
+                return current[1]
+        return tag
 
     def check_writable(self, prefix: str) -> None:
         """Write and delete a probe under prefix: a run fails on credentials or a missing bucket before its work,
@@ -256,8 +313,7 @@ class Storage:
                 raise StorageError(uri, f"cannot read: {err.strerror}", "unreadable") from None
             return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
         bucket, key = split_s3(uri)
-        with self._errors(uri):
-            head = self.client.head_object(Bucket=bucket, Key=key)
+        head = self._call(uri, lambda: self.client.head_object(Bucket=bucket, Key=key))
         return {"bytes": head["ContentLength"], "etag": head["ETag"]}
 
     def upload_file(self, path: str | Path, uri: str, content_type: str | None = None) -> None:
@@ -267,9 +323,8 @@ class Storage:
                 shutil.copyfile(path, tmp)
             return
         bucket, key = split_s3(uri)
-        with self._errors(uri):
-            self.client.upload_file(str(path), bucket, key, Config=self._transfer(),
-                                    ExtraArgs={"ContentType": content_type or _content_type(key)})
+        self._call(uri, lambda: self.client.upload_file(str(path), bucket, key, Config=self._transfer(),
+                                                        ExtraArgs={"ContentType": content_type or _content_type(key)}))
 
     def download_file(self, uri: str, path: str | Path) -> Path:
         """Copy uri to a local file (written beside it, then renamed)."""
@@ -277,8 +332,7 @@ class Storage:
         with atomic_path(path) as tmp:
             if is_s3(uri):
                 bucket, key = split_s3(uri)
-                with self._errors(uri):
-                    self.client.download_file(bucket, key, str(tmp), Config=self._transfer())
+                self._call(uri, lambda: self.client.download_file(bucket, key, str(tmp), Config=self._transfer()))
             else:
                 try:
                     shutil.copyfile(local_path(uri), tmp)
@@ -293,13 +347,16 @@ class Storage:
         bucket, key = split_s3(uri)
         from botocore.exceptions import ClientError  # noqa: PLC0415
 
-        try:
-            self.client.head_object(Bucket=bucket, Key=key)
-            return True
-        except ClientError as err:
-            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise StorageError(uri, _client_message(err)) from None
+        def head() -> bool:
+            try:
+                self.client.head_object(Bucket=bucket, Key=key)
+                return True
+            except ClientError as err:
+                if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return False
+                raise
+
+        return self._call(uri, head)
 
     def list(self, prefix: str) -> list[str]:
         """URIs of all files/objects under a prefix (a directory, or a key prefix ending in /)."""
@@ -309,11 +366,12 @@ class Storage:
             return sorted(str(p) for p in root.rglob("*") if p.is_file() and not p.name.startswith(TEMP_PREFIX)) \
                 if root.is_dir() else []
         bucket, key = split_s3(prefix)
-        out = []
-        with self._errors(prefix):
-            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
-                out.extend(f"s3://{bucket}/{item['Key']}" for item in page.get("Contents", []))
-        return sorted(out)
+
+        def listing() -> list[str]:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
+            return sorted(f"s3://{bucket}/{item['Key']}" for page in pages for item in page.get("Contents", []))
+
+        return self._call(prefix, listing)
 
     def upload_dir(self, folder: str | Path, prefix: str) -> None:
         """Copy every file below folder to prefix/<relative path>."""
@@ -361,19 +419,37 @@ class _S3Errors:
         from botocore.exceptions import BotoCoreError, ClientError  # noqa: PLC0415
         from boto3.exceptions import S3UploadFailedError  # noqa: PLC0415
 
+        from botocore.exceptions import (ConnectionError as BotoConnectionError,  # noqa: PLC0415
+                                         IncompleteReadError, ResponseStreamingError)
+        from urllib3.exceptions import HTTPError as Urllib3Error  # noqa: PLC0415
+
         if err is None:
             return False
         if isinstance(err, ClientError):
             raise StorageError(self.uri, _client_message(err), _client_code(err)) from None
         if isinstance(err, S3UploadFailedError):
             raise StorageError(self.uri, f"upload failed: {str(err).split(': ', 1)[-1]}", "upload_failed") from None
+        if isinstance(err, (BotoConnectionError, IncompleteReadError, ResponseStreamingError, Urllib3Error,
+                            ConnectionError, TimeoutError)):
+            # Refused, reset, timed out, or cut off mid-body: the network or the server, worth waiting out.
+            raise StorageError(self.uri, f"object storage unreachable: {err}", "unreachable") from None
         if isinstance(err, BotoCoreError):
             raise StorageError(self.uri, f"object storage error: {err}", "storage_error") from None
         return False
 
 
+THROTTLED = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
+             "RequestThrottled", "429"}
+SERVER_ERRORS = {"InternalError", "ServiceUnavailable", "RequestTimeout", "500", "502", "503", "504"}
+
+
 def _client_code(err) -> str:  # noqa: ANN001
     code = err.response.get("Error", {}).get("Code", "")
+    status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    if code in THROTTLED:
+        return "throttled"
+    if code in SERVER_ERRORS or status >= 500:
+        return "server_error"
     return {"NoSuchKey": "not_found", "404": "not_found", "NoSuchBucket": "not_found",
             "AccessDenied": "access_denied", "SignatureDoesNotMatch": "access_denied",
             "InvalidAccessKeyId": "access_denied", "403": "access_denied"}.get(code, "storage_error")

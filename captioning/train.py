@@ -25,9 +25,10 @@ from captioning.devices import resolve_precision
 from captioning.errors import CaptioningError
 from captioning.featureset import FeaturesConfig, FeatureSet, extract_features, load_backbone
 from captioning.generate import GenerationConfig, Generator
+from captioning.lease import Lease
 from captioning.manifest import Manifest, ManifestSpec, iter_rows
 from captioning.model import BANNED, Captioner, output_bias
-from captioning.runs import claim_run, run_settings
+from captioning.runs import LEASE, claim_run, run_settings
 from captioning.storage import Storage, cache_dir, is_s3, local_path
 from captioning.text import Tokenizer
 from captioning.training.data import StreamingInput
@@ -296,6 +297,13 @@ def train(
     out = str(out)
     storage = Storage(config.storage)
     storage.check_writable(out)
+    with Lease(storage, f"{out.rstrip('/')}/{LEASE}", log=log, what="training run"):  # one run per --out
+        return _train(train_source, val_source, out, config, spec, strategy, progress, log, restart, storage)
+
+
+def _train(train_source: str | Path | Manifest, val_source: str | Path | Manifest, out: str, config: TrainConfig,
+           spec: ManifestSpec | None, strategy: tf.distribute.Strategy | None, progress: bool,
+           log: Callable[[str], None], restart: bool, storage: Storage) -> TrainResult:
     local = staging_dir(out) if is_s3(out) else local_path(out)
     settings = run_settings(_uri(train_source), _uri(val_source), config, spec or ManifestSpec(), 0, storage)
     claim_run(out, settings, storage, restart, lambda: shutil.rmtree(local / CHECKPOINT, ignore_errors=True), log)

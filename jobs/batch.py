@@ -18,7 +18,7 @@ from captioning.lease import Lease
 from captioning.options import batch_options, bulk_config, guarded, job_parser, log, show_progress
 from captioning.stage_timings import stage_report
 from captioning.storage import Storage
-from jobs.ray_setup import CONNECT_TIMEOUT, TASK_CPUS, connect
+from jobs.ray_setup import CONNECT_TIMEOUT, TASK_CPUS, connect, outage_error
 
 
 
@@ -51,6 +51,7 @@ def _run(config: BulkConfig, storage: Storage, address: str | None, log: Callabl
         check_cpus(config, ray.cluster_resources().get("CPU", 0.0), fixed=not joined, log=log)
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # one bar of our own, with rows and images/s
+        context.raise_original_map_exception = True  # our StorageError, not Ray's UserCodeException around it
         # Fetching is faster than captioning: without a cap, decoded images pile up in the object store and
         # memory grows with the manifest. A few shards per actor keep the actors fed and memory flat.
         shard_bytes = config.shard_size * config.image.size**2 * 3
@@ -65,11 +66,14 @@ def _run(config: BulkConfig, storage: Storage, address: str | None, log: Callabl
         # Every shard is full but the last; a rerun's shards (or retried rows) may be fewer.
         rows_todo = sum(min(config.shard_size, total_rows - shard * config.shard_size) for shard in todo)
         bar = console.progress(rows_todo, "captioning", "rows", progress)
-        for summary in written.iter_rows():
-            fresh.update({"rows": summary["fresh"], "ok": summary["ok"], "failed": summary["failed"]})
-            bar.update(summary["fresh"])
-            rate = fresh["rows"] / max(time.time() - started, 1e-9)
-            bar.set_postfix(ok=fresh["ok"], failed=fresh["failed"], rows_per_s=f"{rate:.1f}")
+        try:
+            for summary in written.iter_rows():
+                fresh.update({"rows": summary["fresh"], "ok": summary["ok"], "failed": summary["failed"], "shards": 1})
+                bar.update(summary["fresh"])
+                rate = fresh["rows"] / max(time.time() - started, 1e-9)
+                bar.set_postfix(ok=fresh["ok"], failed=fresh["failed"], rows_per_s=f"{rate:.1f}")
+        except Exception as err:  # noqa: BLE001  (Ray wraps a task's error; outage_error unwraps ours)
+            raise outage_error(err, shards_total - len(todo) + fresh["shards"], shards_total) from None
         bar.close()
     summary = summarise(config, storage, total_rows, shards_total, fresh["rows"], started)
     log(f"{summary['rows']} rows: " + ", ".join(f"{k} {v}" for k, v in summary["statuses"].items())

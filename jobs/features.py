@@ -20,7 +20,7 @@ from captioning.lease import Lease
 from captioning.options import features_config, features_options, guarded, job_parser, log, show_progress
 from captioning.storage import Storage
 from jobs.batch import check_cpus
-from jobs.ray_setup import CONNECT_TIMEOUT, TASK_CPUS, connect
+from jobs.ray_setup import CONNECT_TIMEOUT, TASK_CPUS, connect, outage_error
 
 BUFFERED_SHARDS = 4  # decoded shards waiting per backbone actor: bounds the object store
 
@@ -57,6 +57,7 @@ def _run(config: FeaturesConfig, storage: Storage, address: str | None, log: Cal
         check_cpus(config, ray.cluster_resources().get("CPU", 0.0), fixed=not joined, log=log)
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
+        context.raise_original_map_exception = True  # our StorageError, not Ray's UserCodeException around it
         shard_bytes = config.shard_size * config.image.size**2 * 3
         context.execution_options.resource_limits = context.execution_options.resource_limits.copy(
             object_store_memory=shard_bytes * BUFFERED_SHARDS * config.actors)
@@ -66,11 +67,14 @@ def _run(config: FeaturesConfig, storage: Storage, address: str | None, log: Cal
                                num_gpus=config.num_gpus or None, compute=ray.data.ActorPoolStrategy(size=config.actors))
         written = embedded.map(write_feature_shard, fn_kwargs={"config": config}, num_cpus=TASK_CPUS)
         bar = console.progress(len(todo), "features", "shards", progress)
-        for summary in written.iter_rows():
-            counts.update({"rows": summary["rows"], "ok": summary["ok"], "failed": summary["failed"]})
-            bar.update(1)
-            bar.set_postfix(ok=counts["ok"], failed=counts["failed"],
-                            rows_per_s=f"{counts['rows'] / max(time.time() - started, 1e-9):.1f}")
+        try:
+            for summary in written.iter_rows():
+                counts.update({"rows": summary["rows"], "ok": summary["ok"], "failed": summary["failed"], "shards": 1})
+                bar.update(1)
+                bar.set_postfix(ok=counts["ok"], failed=counts["failed"],
+                                rows_per_s=f"{counts['rows'] / max(time.time() - started, 1e-9):.1f}")
+        except Exception as err:  # noqa: BLE001  (Ray wraps a task's error; outage_error unwraps ours)
+            raise outage_error(err, shards_total - len(todo) + counts["shards"], shards_total) from None
         bar.close()
     summary = summarise(config, storage, total_rows, started)
     log(f"{summary['rows']} rows: " + ", ".join(f"{k} {v}" for k, v in summary["statuses"].items())

@@ -8,7 +8,7 @@ import socket
 import time
 from pathlib import Path
 
-from captioning.errors import CaptioningError
+from captioning.errors import CaptioningError, captioning_cause
 
 TASK_CPUS = 0.25  # fetch and write tasks mostly wait on the network and storage
 # Every worker of our jobs starts as quietly as the command (captioning.console): no TensorFlow start-up lines.
@@ -83,3 +83,13 @@ def connect(address: str | None, log_to_driver: bool = False, timeout: float = C
                  log_to_driver=log_to_driver, configure_logging=False,
                  runtime_env={"worker_process_setup_hook": WORKER_SETUP})
     return target is not None
+
+
+def outage_error(err: BaseException, committed: int, total: int) -> BaseException:
+    """A storage outage longer than the retry window, from whichever task met it, as one error that says how
+    far the job got and that a rerun resumes; any other error as it was."""
+    cause = captioning_cause(err)
+    if cause is None or cause.reason != "unavailable":
+        return err
+    return CaptioningError(cause.source, f"{cause.message}; {committed} of {total} shards are committed, and "
+                           "rerunning the same command resumes from them", "unavailable")

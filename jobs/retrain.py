@@ -21,7 +21,9 @@ from captioning.config import Scaling, TrainConfig
 from captioning.manifest import ManifestSpec
 from captioning.options import (guarded, job_parser, log, manifest_spec, retrain_options, scaling, show_progress,
                                 train_config)
+from captioning.lease import Lease
 from captioning.registry import Registry, store_bundle
+from captioning.runs import LEASE
 from captioning.storage import Storage, is_s3, local_path
 
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet", ".csv.gz", ".tsv.gz", ".jsonl.gz")
@@ -109,6 +111,13 @@ def retrain(config: RetrainConfig, log: Callable[[str], None] = log, progress: b
     (holdout_scores; tests inject theirs to drive the decision)."""
     score = score or holdout_scores
     storage = Storage(config.train.storage)
+    # One retraining per registry at a time (a scheduler reads this lease to skip a tick while a run goes on).
+    with Lease(storage, f"{config.registry.rstrip('/')}/{LEASE}", log=log, what="retraining run"):
+        return _retrain(config, log, progress, score, storage)
+
+
+def _retrain(config: RetrainConfig, log: Callable[[str], None], progress: bool, score: Scorer,
+             storage: Storage) -> dict[str, Any]:
     registry = Registry(config.registry, storage)
     pointer, tag = registry.current()  # the decision below moves `current` only if it still has this tag
     new = find_new(registry, config.data_prefix, storage)

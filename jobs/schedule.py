@@ -24,7 +24,9 @@ import psutil
 from croniter import croniter
 
 from captioning.errors import CaptioningError
+from captioning.lease import live_holder
 from captioning.options import log as print_log
+from captioning.runs import LEASE
 from captioning.storage import Storage, is_s3, local_path
 
 TICK_FORMAT = "%Y%m%dT%H%M%SZ"
@@ -85,6 +87,27 @@ class ClusterRunner:
         return state not in TERMINAL
 
 
+def output_lease(kind: str, args: list[str]) -> str | None:
+    """Where the job's run holds its lease: the very option the job writes to, parsed by the job's own options."""
+    import argparse  # noqa: PLC0415
+
+    from captioning import options  # noqa: PLC0415
+
+    option_set, dest = {"batch": (options.batch_options, "output"), "features": (options.features_options, "output"),
+                        "train": (options.train_options, "out"), "retrain": (options.retrain_options, "registry")}[kind]
+    full = argparse.ArgumentParser(add_help=False)
+    option_set(full)
+    names = next(action.option_strings for action in full._actions if action.dest == dest)
+    only = argparse.ArgumentParser(add_help=False, exit_on_error=False)  # that option alone: the rest may be absent
+    only.add_argument(*names, dest=dest)
+    try:
+        parsed, _ = only.parse_known_args(args)
+    except (argparse.ArgumentError, SystemExit):
+        return None  # the job itself will say what is wrong with its options
+    where = getattr(parsed, dest, None)
+    return f"{where.rstrip('/')}/{LEASE}" if where else None
+
+
 def utc(timestamp: float) -> datetime:
     """A POSIX time as an aware UTC datetime."""
     return datetime.fromtimestamp(timestamp, tz=timezone.utc)
@@ -102,6 +125,7 @@ class Scheduler:
         self.state = state.rstrip("/") if is_s3(state) else str(local_path(state))
         self.storage = storage or Storage()
         self.clock, self.log = clock, log
+        self.lease = output_lease(kind, args)
         self.since = self._schedule()
 
     def _at(self, *parts: str) -> str:
@@ -143,10 +167,18 @@ class Scheduler:
             return None
         started = [r for r in self.records() if r["decision"] == "started"]
         previous = started[-1] if started else None
-        busy = previous is not None and self.runner.running(previous["run"])
+        busy_reason = None
+        if previous is not None and self.runner.running(previous["run"]):
+            busy_reason = f"the run of tick {previous['tick']} still goes on"
+        elif self.lease is not None:  # any run writing the job's output, started here or anywhere else
+            holder = live_holder(self.storage, self.lease)
+            if holder is not None:
+                busy_reason = (f"a {holder.get('what', 'run')} holds {self.lease} (host {holder.get('host', '?')}, pid "
+                               f"{holder.get('pid', '?')}, heartbeat {holder['age']:.0f} s ago)")
+        busy = busy_reason is not None
         decision = {"tick": name, "decided": utc(now).strftime(TICK_FORMAT), "by": f"pid {os.getpid()}"}
         if busy:
-            decision.update(decision="skipped", reason=f"the run of tick {previous['tick']} still goes on")
+            decision.update(decision="skipped", reason=busy_reason)
         else:
             decision.update(decision="starting")
         # Claimed before anything starts: a second scheduler, or this one restarted, finds the tick decided.

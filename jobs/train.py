@@ -20,8 +20,9 @@ from captioning.config import Scaling, TrainConfig
 from captioning.console import LEVEL_ENV, VERBOSE_ENV
 from captioning.errors import CaptioningError
 from captioning.manifest import ManifestSpec
-from captioning.options import guarded, job_parser, log, result, manifest_spec, show_progress, train_config, train_options
-from captioning.runs import claim_run, run_settings
+from captioning.lease import Lease
+from captioning.options import guarded, job_parser, log, manifest_spec, result, show_progress, train_config, train_options
+from captioning.runs import LEASE, claim_run, run_settings
 from captioning.options import scaling as scaling_of
 from captioning.storage import Storage, absolute, is_s3
 from jobs.ray_setup import CONNECT_TIMEOUT, WORKER_SETUP, connect
@@ -83,15 +84,23 @@ def run(train_source: str, val_source: str, out: str, config: TrainConfig, scali
         progress: bool = True, restart: bool = False, connect_timeout: float = CONNECT_TIMEOUT) -> dict[str, Any]:
     """Train on Ray Train into out (folder or s3:// prefix), resuming the run recorded there when its settings
     are these (restart: discard it); returns the bundle's metrics."""
+    out = out if is_s3(out) else absolute(out)
+    storage = Storage(config.storage)
+    storage.check_writable(out)  # before the cluster, the features and the epochs
+    with Lease(storage, f"{out.rstrip('/')}/{LEASE}", log=log, what="Ray Train run"):  # one run per --out
+        return _run(train_source, val_source, out, config, scaling, spec, address, log, progress, restart,
+                    connect_timeout, storage)
+
+
+def _run(train_source: str, val_source: str, out: str, config: TrainConfig, scaling: Scaling,
+         spec: ManifestSpec | None, address: str | None, log: Callable[[str], None], progress: bool, restart: bool,
+         connect_timeout: float, storage: Storage) -> dict[str, Any]:
     import ray.train  # noqa: PLC0415
     from ray.train.tensorflow import TensorflowTrainer  # noqa: PLC0415
 
     from captioning.train import prepare  # noqa: PLC0415
     from jobs import features as features_job  # noqa: PLC0415
 
-    out = out if is_s3(out) else absolute(out)
-    storage = Storage(config.storage)
-    storage.check_writable(out)  # before the cluster, the features and the epochs
     train_source = train_source if is_s3(train_source) else absolute(str(train_source))
     val_source = val_source if is_s3(val_source) else absolute(str(val_source))
     settings = run_settings(train_source, val_source, config, spec or ManifestSpec(), scaling.workers, storage)

@@ -2,6 +2,7 @@
 
 import io
 import json
+import time
 
 import numpy as np
 import pytest
@@ -168,3 +169,85 @@ def test_too_many_actors_for_the_cpus_is_refused_not_a_hang(served, ray_session,
     assert len(warnings) == 1 and "fewer --actors" in warnings[0]
     check_cpus(BulkConfig("m", "b", "o", actors=2, actor_cpus=0.5), 2.0, fixed=True, log=warnings.append)
     assert len(warnings) == 1  # 2 x 0.5 CPU leave room for the tasks: neither refused nor warned
+
+
+def faulty_run(served, ray_session, trained_bundle, tmp_path, proxy, output, window, shards=5):
+    """A bulk job whose every storage request (manifest, shards, markers, lease) goes through proxy."""
+    from captioning.config import StorageConfig
+
+    server, expected = served
+    urls = [u for u, s in expected.items() if s == "ok"]
+    Storage(client=ray_session.client()).write_bytes(f"{output}-in/m.csv",
+                                                     open(manifest_file(tmp_path, urls, False), "rb").read())
+    storage = StorageConfig(s3_endpoint=proxy.endpoint, retry_window=window, retry_base=0.1, retry_cap=1.0)
+    config = BulkConfig(f"{output}-in/m.csv", str(trained_bundle), output,
+                        ManifestSpec(image_column="url", id_column="id"), shard_size=len(urls) // shards,
+                        batch_size=4, fetch=LOOPBACK_ONLY, storage=storage, attention=False)
+    return config, urls
+
+
+def every_row_once(output, urls, ray_session):
+    rows = list(read_output(output, Storage(client=ray_session.client())))
+    assert sorted(r["id"] for r in rows) == sorted(f"r{i}" for i in range(len(urls)))
+    assert {r["url"] for r in rows} == set(urls) and all(r["status"] == "ok" for r in rows)
+
+
+def test_throttling_and_dropped_connections_on_a_fifth_of_storage_requests_lose_and_duplicate_no_row(
+        served, ray_session, trained_bundle, tmp_path):
+    from jobs.batch import run
+    from tests.faults import FaultProxy
+
+    proxy = FaultProxy(ray_session.endpoint, slowdown=0.15, drop=0.10, seed=5)
+    try:
+        config, urls = faulty_run(served, ray_session, trained_bundle, tmp_path, proxy, "s3://outputs/throttled", 120)
+        # And the server stops for 5 s once a shard is committed: shorter than the window, so the job goes on.
+        after_commits(Storage(client=ray_session.client()), "s3://outputs/throttled/_committed/", 1,
+                      lambda: proxy.outage(5.0))
+        summary = run(config, log=lambda _: None, progress=False)
+        assert summary["rows"] == len(urls) and summary["statuses"] == {"ok": len(urls)}
+        every_row_once("s3://outputs/throttled", urls, ray_session)
+        assert proxy.counts["slowdown"] + proxy.counts["dropped"] >= 0.2 * sum(proxy.counts.values()) - 5
+        assert proxy.counts["slowdown"] >= 3 and proxy.counts["dropped"] >= 3, proxy.counts
+    finally:
+        proxy.close()
+
+
+def test_a_storage_outage_longer_than_the_window_is_one_error_line_and_a_rerun_resumes(
+        served, ray_session, trained_bundle, tmp_path, capsys):
+    from captioning.options import guarded
+    from jobs.batch import run
+    from tests.faults import FaultProxy
+
+    proxy = FaultProxy(ray_session.endpoint)
+    storage = Storage(client=ray_session.client())
+    try:
+        # Storage stops for good once a shard is committed, with a 3 s window: one error line naming the
+        # endpoint and how far the job got.
+        config, urls = faulty_run(served, ray_session, trained_bundle, tmp_path, proxy, "s3://outputs/outage", 3)
+        after_commits(storage, "s3://outputs/outage/_committed/", 1, proxy.down)
+        capsys.readouterr()
+        assert guarded(lambda: run(config, log=lambda _: None, progress=False) and 0) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {proxy.endpoint}: no answer for 3 s (the storage retry "
+                                                   "window)"), err
+        assert "of 5 shards are committed, and rerunning the same command resumes from them" in err[0]
+        committed = len(storage.list("s3://outputs/outage/_committed/"))
+        assert 1 <= committed < 5
+        proxy.up()
+        summary = run(config, log=lambda _: None, progress=False)  # the rerun: only the rest
+        assert summary["rows_processed_this_run"] == len(urls) - committed * (len(urls) // 5)
+        every_row_once("s3://outputs/outage", urls, ray_session)
+    finally:
+        proxy.close()
+
+
+def after_commits(storage, markers, count, then):
+    """Call then() in the background once `count` shards are committed."""
+    import threading
+
+    def watch():
+        while len(storage.list(markers)) < count:
+            time.sleep(0.2)
+        then()
+
+    threading.Thread(target=watch, daemon=True).start()

@@ -1,6 +1,6 @@
 """Evaluation-gated retraining: the promotion rule with injected scores, "nothing new" without TensorFlow, and
 end to end on SeaweedFS: first version, nothing new, a better one promoted, a corrupted one not, rollback;
-two retrains at once promote at most once."""
+a second retrain at once is refused, and a pointer moved meanwhile is not overwritten."""
 
 from __future__ import annotations
 
@@ -151,7 +151,8 @@ def test_retrain_end_to_end_on_seaweedfs(seaweed, scenes, monkeypatch):
     assert find_new(registry, config.data_prefix, storage) == []
 
 
-def test_two_retrains_at_once_promote_at_most_once(seaweed, scenes, tmp_path):
+def test_a_second_retrain_is_refused_and_a_pointer_moved_meanwhile_is_not_overwritten(seaweed, scenes, tmp_path,
+                                                                                       monkeypatch):
     storage = Storage(client=seaweed.client())
     prefix = "s3://outputs/retrain-race"
     put_manifest(storage, f"{prefix}/data/m1.jsonl", scenes["m1"])
@@ -161,13 +162,27 @@ def test_two_retrains_at_once_promote_at_most_once(seaweed, scenes, tmp_path):
             "--no-progress"]
     env = {**__import__("os").environ, **seaweed.env()}
     procs = [subprocess.Popen([sys.executable, "-m", "jobs.retrain", *argv], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), [o[-1500:] for o in outputs]
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    # One retraining per registry at a time: the second is refused at once, naming the first (its lease).
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 2], outputs
+    refused = outputs[[p.returncode for p in procs].index(2)][1].strip().splitlines()
+    assert refused[-1].startswith(f"error: {prefix}/registry/_lease.json: another retraining run is writing this "
+                                  "output: host "), refused
     registry = Registry(f"{prefix}/registry", storage)
-    assert sorted(registry.versions()) == ["v0001", "v0002"]  # two runs, two numbers
-    decisions = [registry.info(v)["promoted"] for v in registry.versions()]
-    assert decisions.count(True) == 1, outputs  # both saw an empty registry; only one pointer was created
-    assert registry.current()[0]["version"] in registry.versions()
-    loser = next(v for v in registry.versions() if not registry.info(v)["promoted"])
-    assert "while this run trained" in registry.info(loser)["decision"]
+    assert registry.versions() == ["v0001"] and registry.current()[0]["version"] == "v0001"
+
+    # Someone promotes by hand while a retraining trains: the run's conditional move fails, it does not overwrite.
+    for name, value in seaweed.env().items():
+        monkeypatch.setenv(name, value)
+    put_manifest(storage, f"{prefix}/data/m2.jsonl", scenes["m2"])
+
+    def score(bundle, holdout, spec, train, storage_, log):
+        if bundle.rstrip("/").split("/")[-2] == "v0002":  # the candidate, trained: now the manual promote lands
+            Registry(f"{prefix}/registry", Storage()).promote("v0001", "by hand, meanwhile")
+        return {"bleu4": 0.5, "cider": 1.0}
+
+    decided = retrain(config_for(prefix, scenes), log=lambda _: None, progress=False, score=score)
+    assert decided["action"] == "rejected" and "while this run trained" in decided["reason"]
+    assert registry.current()[0]["version"] == "v0001"

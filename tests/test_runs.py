@@ -135,4 +135,6 @@ def test_a_ray_train_run_in_object_storage_refuses_other_settings_before_touchin
                         (_ for _ in ()).throw(CaptioningError("cluster", "stop here")))
     with pytest.raises(CaptioningError, match="stop here"):
         train_job.run(feature_sets["train"], feature_sets["val"], out, config, Scaling(workers=1), restart=True)
-    assert discarded == [[f"{out}/{RUN_FILE}"]]  # the old run's checkpoints went, its new settings came
+    # The old run's checkpoints went, its new settings came; the lease is this run's, held while it runs.
+    assert discarded == [[f"{out}/_lease.json", f"{out}/{RUN_FILE}"]]
+    assert not storage.exists(f"{out}/_lease.json")  # released when the run stopped

@@ -115,3 +115,25 @@ def test_a_fast_cron_runs_real_retrain_jobs_through_the_cli(tmp_path):
     bad = subprocess.run([*command[:command.index("--")], "--", "--registry"], cwd=ROOT, capture_output=True,
                          text=True, timeout=60, check=False)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1
+
+
+def test_a_tick_is_skipped_while_any_run_holds_the_outputs_lease(tmp_path):
+    from captioning.lease import Lease
+    from captioning.storage import Storage
+
+    registry = tmp_path / "registry"
+    runner, clock = FakeRunner(), Clock(T0)
+    decide = Scheduler("* * * * *", str(tmp_path / "state"), "retrain", ["--registry", str(registry), "--val", "v"],
+                       runner, clock=clock, log=lambda _: None)
+    assert decide.lease == f"{registry}/_lease.json"
+    # A retraining started by hand (or by another scheduler, on any machine) holds the registry's lease.
+    with Lease(Storage(), decide.lease, log=lambda _: None, what="retraining run"):
+        clock.now += 60
+        skipped = decide.step()
+        assert skipped["decision"] == "skipped" and runner.started == []
+        assert skipped["reason"].startswith(f"a retraining run holds {registry}/_lease.json (host ")
+    clock.now += 60
+    assert decide.step()["decision"] == "started" and len(runner.started) == 1
+    batch = Scheduler("* * * * *", str(tmp_path / "state2"), "batch", ["--manifest", "m", "--model", "x",
+                      "--output", "s3://b/out/"], runner, clock=clock, log=lambda _: None)
+    assert batch.lease == "s3://b/out/_lease.json"

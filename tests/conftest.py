@@ -166,9 +166,10 @@ def trained_bundle(synthetic_data, feature_cache, tmp_path_factory) -> Path:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Under pytest-xdist (-n 2 --dist loadgroup), every Ray test runs on one worker, beside one Ray instance."""
+    """Under pytest-xdist (-n 2 --dist loadgroup), every test that uses the session's Ray instance runs on one
+    worker, beside it; tests that start Ray in a process of their own may run on either."""
     for item in items:
-        if item.get_closest_marker("ray"):
+        if "ray_session" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("ray"))
 
 

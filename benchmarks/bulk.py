@@ -26,7 +26,9 @@ import threading
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from captioning import console  # noqa: E402
+
+console.setup("warning")  # TensorFlow's start-up lines hidden; the figures below are the output
 
 import numpy as np  # noqa: E402
 
@@ -215,7 +217,8 @@ def main() -> int:
     with SeaweedServer(out / "seaweed") as seaweed:
         seaweed.create_bucket("bench")
         os.environ.update(seaweed.env())  # Ray workers inherit the credentials
-        ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        # A fresh local Ray, never the cluster this machine last recorded (which may be long gone).
+        ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         storage = Storage(client=seaweed.client())
         for size in sorted(args.sizes):
             manifest = out / f"manifest-{size}.csv"

@@ -60,6 +60,18 @@ def wait_reachable(address: str, timeout: float, shown: str | None = None) -> No
         time.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)))
 
 
+def quiet_ray_logging() -> None:
+    """Ray's console notices (token auth, Ray Data's execution plan) are not the job's progress: hidden unless
+    --verbose. Before Ray Data is first imported (Ray Train imports it), since it reads its config then."""
+    from captioning import console  # noqa: PLC0415
+
+    if console.verbose():
+        return
+    for name in ("ray", "ray.train"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(Path(__file__).with_name("ray_data_logging.yaml")))
+
+
 def connect(address: str | None, log_to_driver: bool = False, timeout: float = CONNECT_TIMEOUT) -> bool:
     """Join the cluster at address (see cluster_address), or start a fresh local Ray. Returns whether it joined a
     cluster.
@@ -67,14 +79,9 @@ def connect(address: str | None, log_to_driver: bool = False, timeout: float = C
     Workers inherit this environment, AWS settings included. log_to_driver: show workers' output here (training
     prints its epochs from rank 0); off for Ray Data jobs, which report through their own progress bar.
     """
+    quiet_ray_logging()
     import ray  # noqa: PLC0415
 
-    from captioning import console  # noqa: PLC0415
-
-    if not console.verbose():  # Ray's notices (token auth, Data's execution plan) are not the job's progress
-        for name in ("ray", "ray.train"):
-            logging.getLogger(name).setLevel(logging.ERROR)
-        os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(Path(__file__).with_name("ray_data_logging.yaml")))
     target = cluster_address(address)
     if target is not None:
         wait_reachable(target, timeout, shown=f"--address {address}" if address else "RAY_ADDRESS")

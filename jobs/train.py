@@ -17,15 +17,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 from captioning.config import Scaling, TrainConfig
+from captioning import console
 from captioning.console import LEVEL_ENV, VERBOSE_ENV
 from captioning.errors import CaptioningError
 from captioning.manifest import ManifestSpec
 from captioning.lease import Lease
 from captioning.options import guarded, job_parser, log, manifest_spec, result, show_progress, train_config, train_options
 from captioning.runs import LEASE, claim_run, run_settings
+from captioning.options import log as options_log
 from captioning.options import scaling as scaling_of
 from captioning.storage import Storage, absolute, is_s3
-from jobs.ray_setup import CONNECT_TIMEOUT, WORKER_SETUP, connect
+from jobs.ray_setup import CONNECT_TIMEOUT, WORKER_SETUP, connect, quiet_ray_logging
 
 RUN_NAME = "checkpoints"  # the Ray Train run folder under --out; the same --out resumes it
 
@@ -50,9 +52,12 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         communication_options=tf.distribute.experimental.CommunicationOptions(implementation=implementation))
     prepared = Prepared(**loop_config["prepared"], storage=Storage(config.storage))
 
+    if rank == 0:  # rank 0 speaks for the run: its lines reach the driver's log with levels and timestamps
+        console.setup(os.environ.get(LEVEL_ENV) or ("debug" if console.verbose() else "info"))
+
     def log(message: str) -> None:
         if rank == 0:
-            print(message, flush=True)
+            options_log(message)
 
     class Reported(Checkpoints):
         """Every worker reports each checkpoint's metrics; rank 0 hands over the checkpoint folder too."""
@@ -95,6 +100,7 @@ def run(train_source: str, val_source: str, out: str, config: TrainConfig, scali
 def _run(train_source: str, val_source: str, out: str, config: TrainConfig, scaling: Scaling,
          spec: ManifestSpec | None, address: str | None, log: Callable[[str], None], progress: bool, restart: bool,
          connect_timeout: float, storage: Storage) -> dict[str, Any]:
+    quiet_ray_logging()  # before ray.train, which imports Ray Data
     import ray.train  # noqa: PLC0415
     from ray.train.tensorflow import TensorflowTrainer  # noqa: PLC0415
 

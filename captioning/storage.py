@@ -428,7 +428,10 @@ class _S3Errors:
         if isinstance(err, ClientError):
             raise StorageError(self.uri, _client_message(err), _client_code(err)) from None
         if isinstance(err, S3UploadFailedError):
-            raise StorageError(self.uri, f"upload failed: {str(err).split(': ', 1)[-1]}", "upload_failed") from None
+            # boto3 wraps the part's own error: AccessDenied must fail at once, SlowDown or a 5xx is waited out.
+            cause = err.__cause__ or err.__context__
+            reason = _client_code(cause) if isinstance(cause, ClientError) else "upload_failed"
+            raise StorageError(self.uri, f"upload failed: {str(err).split(': ', 1)[-1]}", reason) from None
         if isinstance(err, (BotoConnectionError, IncompleteReadError, ResponseStreamingError, Urllib3Error,
                             ConnectionError, TimeoutError)):
             # Refused, reset, timed out, or cut off mid-body: the network or the server, worth waiting out.

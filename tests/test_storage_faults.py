@@ -118,3 +118,28 @@ def test_an_outage_shorter_than_the_window_is_waited_out(seaweed, monkeypatch):
         assert storage.read_bytes("s3://outputs/outage/during") == b"2"
     finally:
         proxy.close()
+
+
+def test_a_multipart_upload_refused_for_good_fails_at_once_and_a_throttled_one_is_retried(tmp_path):
+    from boto3.exceptions import S3UploadFailedError
+
+    class Uploads:
+        def __init__(self, code, status, failures):
+            self.code, self.status, self.failures, self.calls = code, status, failures, 0
+
+        def upload_file(self, *args, **kwargs):
+            self.calls += 1
+            if self.calls <= self.failures:
+                try:
+                    raise client_error(self.code, self.status)
+                except ClientError as err:
+                    raise S3UploadFailedError(f"Failed to upload x: {err}")  # boto3's way: the cause is context
+
+    (tmp_path / "f").write_bytes(b"x")
+    denied = Uploads("AccessDenied", 403, 5)
+    with pytest.raises(StorageError, match="upload failed"):
+        patient(denied, window=60).upload_file(tmp_path / "f", "s3://b/k")
+    assert denied.calls == 1
+    throttled = Uploads("SlowDown", 503, 2)
+    patient(throttled).upload_file(tmp_path / "f", "s3://b/k")
+    assert throttled.calls == 3

@@ -17,6 +17,7 @@ from captioning.features import BACKBONES, Backbone
 from captioning.model import Captioner
 from captioning.devices import resolve_precision
 from captioning.storage import Storage, StorageError, is_s3
+from captioning.records import schema_error
 from captioning.text import Tokenizer
 
 FORMAT, FORMAT_VERSION = "captioning-bundle", 1
@@ -57,12 +58,9 @@ SCHEMA = {
 
 def validate_manifest(manifest: object) -> None:
     """Raise ValueError naming the first field of a bundle.json that does not fit SCHEMA."""
-    import jsonschema  # noqa: PLC0415
-
-    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(SCHEMA).iter_errors(manifest))
-    if error is not None:
-        where = ".".join(str(part) for part in error.absolute_path) or "top level"
-        raise ValueError(f"{where}: {error.message}")
+    problem = schema_error(manifest, SCHEMA)
+    if problem is not None:
+        raise ValueError(problem)
     model = manifest["model"]  # type: ignore[index]
     if model["d_model"] % model["num_heads"]:
         raise ValueError(f"model.d_model {model['d_model']} is not divisible by model.num_heads {model['num_heads']}")

@@ -20,6 +20,8 @@ import tempfile
 import time
 from typing import Any, Iterable, Iterator
 
+from captioning.redaction import printable, redact_text
+
 LOGGER = "captioning"
 VERBOSE_ENV = "CAPTIONING_VERBOSE"
 LEVEL_ENV = "CAPTIONING_LOG_LEVEL"
@@ -42,6 +44,7 @@ def setup(level: str | None = None, verbose_flag: bool = False) -> None:
     if level not in LEVELS:
         raise ValueError(f"unknown log level {level!r}; choose one of {', '.join(LEVELS)}")
     handler = _CurrentStderr()
+    handler.addFilter(_redacted)
     handler.setFormatter(_TerminalFormatter() if sys.stderr.isatty() else
                          logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S"))
     logger = logging.getLogger(LOGGER)
@@ -49,6 +52,12 @@ def setup(level: str | None = None, verbose_flag: bool = False) -> None:
     logger.setLevel(level.upper())
     logger.propagate = False
     quiet_tensorflow()
+
+
+def _redacted(record: logging.LogRecord) -> bool:
+    """Every line logged leaves with its secrets masked, URLs redacted and control characters escaped."""
+    record.msg, record.args = printable(redact_text(record.getMessage())), None
+    return True
 
 
 class _CurrentStderr(logging.StreamHandler):

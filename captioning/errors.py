@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
-import re
 
-_USERINFO = re.compile(r"(?<=//)[^/?#@\s]*@")
+from captioning.redaction import redact, redact_text
+
+__all__ = ["BundleError", "CaptioningError", "FetchError", "ImageError", "ManifestError", "captioning_cause",
+           "internal_error", "redact"]
 _logged_internal: set[str] = set()
 
 
@@ -54,22 +56,13 @@ class BundleError(CaptioningError):
     """A model directory that is missing, incomplete or corrupt."""
 
 
-def redact(url: str) -> str:
-    """url without user:password@ and with its query and fragment cut, for error messages and logs."""
-    cut = _USERINFO.sub("***@", url, count=1)
-    for mark, keep in (("?", "?..."), ("#", "")):
-        if mark in cut:
-            cut = cut.split(mark, 1)[0] + keep
-    return cut
-
-
 def internal_error(err: Exception, source: str) -> str:
     """An unexpected exception while handling one row, as that row's error text.
 
     Its first occurrence per exception type is logged with a traceback; the rest live in their rows.
     """
     kind = type(err).__name__
-    text = " ".join(redact(word) if "://" in word else word for word in str(err).split())
+    text = redact_text(" ".join(str(err).split()))
     if kind not in _logged_internal:
         _logged_internal.add(kind)
         logging.getLogger("captioning").error("internal error on %s (later %s errors are recorded in their rows "

@@ -10,6 +10,7 @@ from pycocoevalcap.cider.cider import Cider
 
 from captioning.bundle import Bundle
 from captioning.config import ImageConfig
+from captioning.errors import CaptioningError
 from captioning.fetch import Fetcher
 from captioning.config import GenerationConfig
 from captioning.inference import caption_sources
@@ -53,8 +54,10 @@ def evaluate(
     meteor: bool = True,
     log: Callable[[str], None] = print,
     storage: Storage | None = None,
+    allow_empty: bool = False,
 ) -> dict:
-    """Caption every manifest image and score against its references; failures are listed, not dropped."""
+    """Caption every manifest image and score against its references; failures are listed, not dropped.
+    Nothing to score is an error naming the manifest, or with allow_empty scores of None."""
     generation = generation or GenerationConfig(attention=False)
     examples = [ex for ex in manifest.examples if ex.captions]
     results = caption_sources(bundle, [ex.image for ex in examples], generation, image_config, fetcher, batch_size,
@@ -67,6 +70,13 @@ def evaluate(
         else:
             rows.append({"id": ex.id, "image": ex.image, "caption": result.caption, "references": list(ex.captions)})
     failures += [{"row": err.source, "error": str(err)} for err in manifest.errors]
+    if not rows:
+        if allow_empty:
+            return {"model_version": bundle.version, "manifest": manifest.source, "method": generation.method,
+                    "scores": None, "failures": failures, "captions": rows}
+        first = f"; the first: {failures[0]['error']}" if failures else ""
+        raise CaptioningError(manifest.source, f"nothing to score: none of its {len(examples)} captioned image(s) "
+                              f"could be read ({len(failures)} failure(s){first})")
     scores = corpus_scores({r["id"]: r["references"] for r in rows}, {r["id"]: r["caption"] for r in rows}, meteor)
     scores["reference_oov"] = reference_oov([ref for r in rows for ref in r["references"]],
                                             bundle.model.tokenizer.vocabulary)

@@ -1,14 +1,21 @@
-"""A lease on an output: one run writes it at a time. Conditional writes, local or S3; no TensorFlow, no Ray."""
+"""A lease on an output: one run writes it at a time. Conditional writes, local or S3; no TensorFlow, no Ray.
+
+Staleness is judged by the lease object's own storage time (S3 LastModified against the answer's Date, a file's
+mtime), never by the clock of the host that wrote it; a holder's pid is only looked at when the lease was written
+on this very host, boot and pid namespace. A run that loses its lease stops: the main thread is interrupted and
+the run ends with one LeaseLost line.
+"""
 
 from __future__ import annotations
 
+import _thread
 import json
 import os
 import socket
 import threading
 import time
 import uuid
-from typing import Callable
+from typing import Any, Callable
 
 import psutil
 
@@ -21,6 +28,41 @@ _HELD: set[str] = set()  # ids of the leases this process holds now
 
 class LeaseHeld(CaptioningError):
     """Another live run holds the lease."""
+
+
+class LeaseLost(CaptioningError):
+    """Another run took this run's lease over: this run stopped writing."""
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def this_process() -> dict[str, Any]:
+    """Who this process is, as a lease or a decision records it: host, boot, pid namespace, pid and its start."""
+    return {"host": socket.gethostname(), "boot": psutil.boot_time(), "pid_ns": _pid_namespace(),
+            "pid": os.getpid(), "pid_started": psutil.Process().create_time()}
+
+
+def process_gone(holder: dict[str, Any]) -> bool:
+    """True only when the recorded process ran on this host, boot and pid namespace, and no longer runs (a
+    container with the same hostname, or a host rebooted since, is not "here": only time can tell)."""
+    if not isinstance(holder, dict) or holder.get("host") != socket.gethostname():
+        return False
+    if holder.get("boot") != psutil.boot_time() or holder.get("pid_ns") != _pid_namespace():
+        return False
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool):
+        return False
+    try:
+        return psutil.Process(pid).create_time() != holder.get("pid_started")
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:
+        return False
 
 
 class Lease:
@@ -37,14 +79,15 @@ class Lease:
         self.id = uuid.uuid4().hex
         self.started = time.time()
         self.lost = False
+        self._owner = threading.get_ident()
+        self._interrupted = False
         self._tag: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def record(self) -> bytes:
         """What the lease says about its holder: enough to find it, nothing secret."""
-        return json.dumps({"id": self.id, "host": socket.gethostname(), "pid": os.getpid(),
-                           "pid_started": psutil.Process().create_time(),
+        return json.dumps({"id": self.id, **this_process(),
                            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
                            "heartbeat": time.time(), "what": self.what}).encode()
 
@@ -62,13 +105,12 @@ class Lease:
             self._tag = self.storage.create(self.uri, self.record())
             if self._tag:
                 break
-            current = self.storage.read_tagged(self.uri)
+            current = self.storage.read_stamped(self.uri)
             if current is None:
                 continue
-            data, tag = current
-            holder = _parse(data)
-            age = time.time() - float(holder.get("heartbeat", 0.0))
-            if age < self.stale_after and not _gone(holder):
+            data, tag, age = current
+            holder = _parse(data, self.uri, self.log)
+            if holder and age < self.stale_after and not _gone(holder):
                 raise LeaseHeld(self.uri, f"another {holder.get('what', 'run')} is writing this output: host "
                                 f"{holder.get('host', '?')}, pid {holder.get('pid', '?')}, started "
                                 f"{holder.get('started', '?')} (heartbeat {age:.0f} s ago); wait for it to finish, "
@@ -76,7 +118,8 @@ class Lease:
             self._tag = self.storage.replace_if(self.uri, self.record(), tag)
             if not self._tag:
                 continue  # someone else took it over first: look again
-            why = "its process is gone" if _gone(holder) else f"last heartbeat {age:.0f} s ago"
+            why = ("it is unreadable" if not holder else "its process is gone" if _gone(holder)
+                   else f"last heartbeat {age:.0f} s ago")
             self.log(f"took over a stale lease on {self.uri} from host {holder.get('host', '?')} pid "
                      f"{holder.get('pid', '?')} ({why})")
             break
@@ -95,7 +138,10 @@ class Lease:
             return True
         if tag is None:
             self.lost = True
-            self.log(f"warning: lost the lease on {self.uri}: another run took it over")
+            self.log(f"warning: lost the lease on {self.uri}: another run took it over; this run stops writing")
+            if self._owner == threading.main_thread().ident and not self._stop.is_set():
+                self._interrupted = True
+                _thread.interrupt_main()  # wherever the run is, it stops; __exit__ turns this into LeaseLost
             return False
         self._tag = tag
         return True
@@ -121,41 +167,51 @@ class Lease:
             self.log(f"warning: could not release the lease on {self.uri} ({err.message}); it goes stale "
                      f"{self.stale_after:.0f} s after its last heartbeat, or at once for a rerun on this host")
 
+    def check(self) -> None:
+        """Raise LeaseLost if another run has taken the lease over: call before each commit."""
+        if self.lost:
+            raise LeaseLost(self.uri, "another run took over this output's lease while this run worked; this run "
+                            "stopped writing (its committed work stays; rerun it once the other run ends)")
+
     def __enter__(self) -> "Lease":
+        self._owner = threading.get_ident()
         return self.acquire()
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: object) -> None:
         self.release()
+        if self.lost and (kind is None or self._interrupted or isinstance(err, LeaseLost)):
+            raise LeaseLost(self.uri, "another run took over this output's lease while this run worked; this run "
+                            "stopped writing (its committed work stays; rerun it once the other run ends)") from None
 
 
 def live_holder(storage: Storage, uri: str, stale_after: float = 120.0) -> dict | None:
     """Who holds the lease at uri while its heartbeat is fresh and its process alive, else None: how a scheduler
     tells that a run is still writing an output, wherever that run was started."""
-    current = storage.read_tagged(uri)
+    current = storage.read_stamped(uri)
     if current is None:
         return None
-    holder = _parse(current[0])
-    age = time.time() - float(holder.get("heartbeat", 0.0))
-    return {**holder, "age": age} if age < stale_after and not _gone(holder) else None
+    holder = _parse(current[0], uri, None)
+    age = current[2]
+    return {**holder, "age": age} if holder and age < stale_after and not _gone(holder) else None
 
 
 def _gone(holder: dict) -> bool:
-    """True when the holder ran on this host and its process no longer exists (killed, not stopped)."""
-    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
-        return False  # another machine: only the heartbeat can tell
-    if holder["pid"] == os.getpid() and holder.get("id") not in _HELD:
-        return True  # an earlier run in this very process, which could not remove its lease (storage was down)
-    try:
-        return psutil.Process(holder["pid"]).create_time() != holder.get("pid_started")
-    except psutil.NoSuchProcess:
+    """True when the holder's process is known to be gone: on this host, boot and pid namespace (killed, not
+    stopped), or an earlier run of this very process that could not remove its lease (storage was down)."""
+    if holder.get("host") == socket.gethostname() and holder.get("pid") == os.getpid() \
+            and holder.get("pid_started") == psutil.Process().create_time() and holder.get("id") not in _HELD:
         return True
-    except psutil.Error:
-        return False
+    return process_gone(holder)
 
 
-def _parse(data: bytes) -> dict:
+def _parse(data: bytes, uri: str, log: Callable[[str], None] | None) -> dict:
+    """A lease's holder record; {} (stale, logged) when it is not a JSON object."""
     try:
         value = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        return {}  # unreadable: treated as a lease with no heartbeat, i.e. stale
-    return value if isinstance(value, dict) else {}
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        value = None
+    if isinstance(value, dict) and value:
+        return value
+    if log is not None:
+        log(f"warning: the lease {uri} is unreadable (not a lease record): treated as stale")
+    return {}

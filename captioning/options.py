@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from dataclasses import replace
 from typing import Any, Callable
@@ -15,6 +16,7 @@ from captioning.config import (BULK_IMAGE, FetchConfig, GenerationConfig, ModelC
                                TrainConfig)
 from captioning import console
 from captioning.errors import CaptioningError, captioning_cause
+from captioning.redaction import printable, redact_text
 
 PRECISIONS = ["auto", "float32", "mixed_float16", "mixed_bfloat16"]
 BACKBONE_NAMES = ["mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0"]  # captioning.features.BACKBONES
@@ -31,8 +33,8 @@ def log(message: str) -> None:
 
 
 def result(message: str) -> None:
-    """The command's own output (what it made, where): stdout, flushed."""
-    print(message, flush=True)
+    """The command's own output (what it made, where): stdout, flushed, control characters escaped."""
+    print(printable(message), flush=True)
 
 
 def console_options(parser: argparse.ArgumentParser) -> None:
@@ -59,7 +61,8 @@ def guarded(command: Callable[[], int], args: argparse.Namespace | None = None) 
         if cause is None:
             raise
         # One line, whatever Ray wrapped around it (its remote traceback is in the job's worker logs).
-        print(f"error: {cause.source}: {' '.join(cause.message.split())}", file=sys.stderr)
+        line = redact_text(f"{cause.source}: {' '.join(cause.message.split())}")
+        print(f"error: {printable(line)}", file=sys.stderr)
         return 2
 
 
@@ -70,7 +73,7 @@ def show_progress(args: argparse.Namespace) -> bool:
 
 def positive(text: str) -> int:
     """argparse type: a whole number of at least 1."""
-    if not text.isdigit() or int(text) < 1:
+    if not re.fullmatch(r"[0-9]+", text) or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
     return int(text)
 
@@ -83,6 +86,35 @@ def seconds(text: str) -> float:
         value = math.nan
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number of at least 0."""
+    if not re.fullmatch(r"[0-9]+", text):
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 0, got {text!r}")
+    return int(text)
+
+
+def drop(text: str) -> float:
+    """argparse type: a relative drop, a number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
+def share(text: str) -> float:
+    """argparse type: a share, a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
     return value
 
 
@@ -346,9 +378,15 @@ def retrain_options(parser: argparse.ArgumentParser) -> None:
                       help="folder or s3:// prefix of training manifests; those no version has seen are used")
     data.add_argument("--holdout", required=True, help="fixed holdout manifest: the promotion decision's data")
     data.add_argument("--val", required=True, help="fixed validation manifest (early stopping); not the holdout")
-    group(parser, "promotion").add_argument(
-        "--tolerance", type=non_negative, default=0.02,
-        help="largest relative drop of holdout BLEU-4 or CIDEr that still promotes")
+    promotion = group(parser, "promotion")
+    promotion.add_argument("--tolerance", type=drop, default=0.02,
+                           help="largest relative drop of holdout BLEU-4 or CIDEr that still promotes, in [0, 1)")
+    promotion.add_argument("--min-holdout-rows", type=positive, default=20,
+                           help="scorable rows (captions and an image) the holdout and --val must each hold; checked "
+                                "before a version is claimed")
+    promotion.add_argument("--min-scored-share", type=share, default=1.0,
+                           help="share of the holdout's rows that the candidate and its parent must both have "
+                                "scored for a promotion (1: every image)")
     training_options(parser)
 
 
@@ -428,10 +466,18 @@ def scaling(args: argparse.Namespace) -> Scaling:
     return Scaling(args.workers, args.gpus_per_worker, args.cpus_per_worker, args.max_failures, args.keep_checkpoints)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one `error:` line for a bad command line (the usage is a --help away), exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"error: {self.prog}: {printable(redact_text(message))} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def job_parser(prog: str, description: str, options: Callable[[argparse.ArgumentParser], None]) \
         -> argparse.ArgumentParser:
     """The parser of a job entrypoint (`python -m jobs.NAME`): the local command's very options."""
-    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
+    parser = Parser(prog=prog, description=description, formatter_class=HelpFormatter)
     options(parser)
     console_options(parser)
     return parser

@@ -8,6 +8,8 @@ from typing import Sequence
 
 import matplotlib
 
+from captioning.atomic import atomic_path
+
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
@@ -28,7 +30,8 @@ def plot_history(history: Sequence[dict[str, float]], path: str | Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:  # a link at the target is replaced, never written through
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
 
 
@@ -55,5 +58,6 @@ def plot_attention(image: np.ndarray, words: Sequence[str], maps: np.ndarray, pa
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
     plt.close(fig)

@@ -26,10 +26,14 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from captioning.errors import CaptioningError
+from captioning.lease import process_gone, this_process
+from captioning.records import VERSION_PATTERN, parse_record
 from captioning.storage import Storage, is_s3, local_path
 
 SCHEME = "registry+"
-VERSION = re.compile(r"^v(\d{4,})$")
+VERSION = re.compile(VERSION_PATTERN.replace("[0-9]{4,}", "([0-9]{4,})"))
+ABANDONED_AFTER = 24 * 3600.0  # a claim this old without its version.json was left by a run that died elsewhere
+PINNED = re.compile(r"@(v[0-9]{4,})\Z")  # registry+URI@v0003
 
 
 def is_registry_ref(model: str) -> bool:
@@ -74,8 +78,8 @@ class Registry:
         return self._at("versions", self._checked(version), "model")
 
     def _checked(self, version: str) -> str:
-        if not VERSION.match(version):
-            raise CaptioningError(version, "is not a version name (v0001, v0002, ...)")
+        if not isinstance(version, str) or not VERSION.match(version):
+            raise CaptioningError(repr(version), "is not a version name (v0001, v0002, ...)")
         return version
 
     def versions(self) -> list[str]:
@@ -92,7 +96,30 @@ class Registry:
         uri = self._at("versions", self._checked(version), "version.json")
         if not self.storage.exists(uri):
             raise CaptioningError(f"{self.uri} {version}", "no such version (or it was never completed)")
-        return json.loads(self.storage.read_bytes(uri))
+        info = parse_record(uri, self.storage.read_bytes(uri), "version")
+        if info["version"] != version:
+            raise CaptioningError(uri, f"is not a valid registry version record: it names {info['version']}")
+        return info
+
+    def abandoned(self, max_age: float = ABANDONED_AFTER) -> list[str]:
+        """Claimed versions without a version.json whose claiming process is gone (seen from this host) or that
+        were claimed over max_age seconds ago: their run stopped before deciding."""
+        complete = set(self.versions())
+        found = []
+        for key in self.storage.list(self._at("claims")):
+            version = key.rsplit("/", 1)[-1].removesuffix(".json")
+            if not VERSION.match(version) or version in complete:
+                continue
+            stamped = self.storage.read_stamped(key)
+            if stamped is None:
+                continue
+            try:
+                claimer = json.loads(stamped[0])
+            except (ValueError, UnicodeDecodeError):
+                claimer = {}
+            if stamped[2] > max_age or process_gone(claimer if isinstance(claimer, dict) else {}):
+                found.append(version)
+        return sorted(found, key=lambda v: int(v[1:]))
 
     def claim(self) -> str:
         """The next free version number, taken with a conditional create: no other run gets it."""
@@ -100,7 +127,7 @@ class Registry:
         number = max([int(m.group(1)) for m in claimed if m] + [0]) + 1
         while True:
             version = f"v{number:04d}"
-            record = json.dumps({"version": version, "by": who(), "at": now()}).encode()
+            record = json.dumps({"version": version, "by": who(), "at": now(), **this_process()}).encode()
             if self.storage.create(self._at("claims", f"{version}.json"), record) is not None:
                 return version
             number += 1
@@ -122,10 +149,11 @@ class Registry:
 
     def current(self) -> tuple[dict[str, Any] | None, str | None]:
         """The current pointer and its tag (None, None when nothing was promoted yet)."""
-        tagged = self.storage.read_tagged(self._at("current.json"))
+        uri = self._at("current.json")
+        tagged = self.storage.read_tagged(uri)
         if tagged is None:
             return None, None
-        return json.loads(tagged[0]), tagged[1]
+        return parse_record(uri, tagged[0], "current"), tagged[1]
 
     def move(self, version: str, expected_tag: str | None, reason: str, action: str,
              verify: Callable[[str], None] | None = None) -> bool:
@@ -133,17 +161,33 @@ class Registry:
         verify(bundle_uri) (default: the bundle loads). False, and nothing changed, when someone moved it first."""
         info = self.info(version)  # complete, or this raises
         (verify or (lambda uri: verify_bundle(uri, self.storage)))(self.bundle_uri(version))
-        previous, _ = self.current()
+        previous, tag = self.current()
+        if tag != expected_tag:
+            return False  # moved since the caller looked: its `previous` would not be the one replaced
+        self._recover_event(previous)
+        at = now()
         pointer = json.dumps({"version": version, "previous": previous["version"] if previous else None,
-                              "at": now(), "by": who(), "reason": reason, "action": action}, indent=2).encode()
+                              "at": at, "by": who(), "reason": reason, "action": action}, indent=2).encode()
         target = self._at("current.json")
         moved = self.storage.create(target, pointer) if expected_tag is None else \
             self.storage.replace_if(target, pointer, expected_tag)
         if moved is None:
             return False
         self.record({"event": action, "version": version, "previous": previous["version"] if previous else None,
-                     "reason": reason, "parent": info.get("parent")})
+                     "reason": reason, "parent": info.get("parent"), "pointer_at": at})
         return True
+
+    def _recover_event(self, pointer: dict[str, Any] | None) -> None:
+        """The event of the pointer's own move, if a crash between that move and its event lost it."""
+        if pointer is None or "at" not in pointer:
+            return
+        moves = [e for e in self.history() if e["event"] in ("promote", "rollback")]
+        if moves and moves[-1].get("version") == pointer["version"] and moves[-1].get("pointer_at", pointer["at"]) \
+                == pointer["at"]:
+            return
+        self.record({"event": pointer.get("action", "promote"), "version": pointer["version"],
+                     "previous": pointer.get("previous"), "reason": pointer.get("reason", ""),
+                     "pointer_at": pointer["at"], "recovered": "the run that moved current stopped before its event"})
 
     def promote(self, version: str, reason: str) -> str:
         """Make version current now (whatever it was), recorded with the reason; returns the previous one."""
@@ -168,8 +212,13 @@ class Registry:
     def resolve(self, ref: str) -> Resolved:
         """registry+URI (current) or registry+URI@vNNNN (that version) -> its bundle, resolved once."""
         version = None
-        if re.search(r"@v\d{4,}$", ref):
+        if PINNED.search(ref):
             ref, version = ref.rsplit("@", 1)
+        elif "@" in ref.removeprefix(SCHEME).rsplit("/", 1)[-1]:
+            raise CaptioningError(ref, "names no version: use registry+URI for the current version or "
+                                  "registry+URI@v0003 for one version")
+        if not self.exists():
+            raise CaptioningError(ref, "no registry here (nothing was ever added to it)")
         if version is None:
             pointer, _ = self.current()
             if pointer is None:
@@ -192,7 +241,11 @@ class Registry:
     def history(self) -> list[dict[str, Any]]:
         """Every event, oldest first."""
         keys = sorted(k for k in self.storage.list(self._at("history")) if k.endswith(".json"))
-        return [json.loads(self.storage.read_bytes(k)) for k in keys]
+        return [parse_record(k, self.storage.read_bytes(k), "event") for k in keys]
+
+    def exists(self) -> bool:
+        """Whether anything was ever stored here (a version claimed)."""
+        return bool(self.storage.list(self._at("claims")))
 
 
 def verify_bundle(uri: str, storage: Storage | None = None) -> None:
@@ -207,7 +260,7 @@ def resolve_model(model: str, storage: Storage | None = None) -> Resolved:
     if not is_registry_ref(model):
         return Resolved(model, "", model)
     uri = model.removeprefix(SCHEME)
-    base = uri.rsplit("@", 1)[0] if re.search(r"@v\d{4,}$", uri) else uri
+    base = uri.rsplit("@", 1)[0] if PINNED.search(uri) else uri
     return Registry(base, storage).resolve(model)
 
 
@@ -236,10 +289,12 @@ def store_bundle(registry: Registry, version: str, source: str) -> None:
         storage.upload_file(storage.local_file(uri) if is_s3(uri) else uri, f"{target}/{name}")
 
 
-def add_bundle(registry: Registry, source: str, info: dict[str, Any]) -> str:
+def add_bundle(registry: Registry, source: str, info: dict[str, Any],
+               verify: Callable[[str], None] | None = None) -> str:
     """Copy a bundle into a newly claimed version, completed with the current version as its parent; returns
-    the version."""
+    the version. verify(source) runs first (default: the bundle loads)."""
     bundle_files(source, registry.storage)  # not a bundle: refused before a number is taken
+    (verify or (lambda uri: verify_bundle(uri, registry.storage)))(source)  # nor one that does not load
     version = registry.claim()
     store_bundle(registry, version, source)
     pointer, _ = registry.current()

@@ -12,6 +12,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from captioning.atomic import atomic_path, atomic_write
+from captioning.errors import CaptioningError
 from captioning.registry import Registry
 
 METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "cider")
@@ -28,7 +30,7 @@ def lineage(registry: Registry, version: str) -> list[dict[str, Any]]:
         seen.add(version)
         info = registry.info(version)
         chain.append(info)
-        version = info.get("parent")
+        version = info.get("parent")  # checked by the version schema: a version name or null
     return chain
 
 
@@ -55,7 +57,13 @@ def write_report(registry: Registry, version: str, out: str | Path, gallery: int
     from captioning.plots import plot_attention  # noqa: PLC0415
 
     out = Path(out)
-    (out / "gallery").mkdir(parents=True, exist_ok=True)
+    for folder in (out, out / "gallery"):
+        if folder.exists() and not folder.is_dir():
+            raise CaptioningError(str(folder), "is a file, not a folder: choose a folder for the report")
+    try:
+        (out / "gallery").mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CaptioningError(str(out), f"cannot create the report folder: {err.strerror or err}") from None
     storage = registry.storage
     chain = lineage(registry, version)
     info = chain[0]
@@ -64,7 +72,8 @@ def write_report(registry: Registry, version: str, out: str | Path, gallery: int
     curves = f"{bundle_uri}/training_curves.png"
     has_curves = storage.exists(curves)
     if has_curves:
-        shutil.copyfile(storage.local_file(curves), out / "curves.png")
+        with atomic_path(out / "curves.png") as tmp:  # a link at the target is replaced, never written through
+            shutil.copyfile(storage.local_file(curves), tmp)
 
     figures = []
     if holdout.get("manifest") and gallery:
@@ -105,5 +114,5 @@ def write_report(registry: Registry, version: str, out: str | Path, gallery: int
 {''.join(figures) or '<p>No holdout images to show.</p>'}
 </body></html>
 """
-    (out / "index.html").write_text(page)
+    atomic_write(out / "index.html", page.encode())
     return out / "index.html"

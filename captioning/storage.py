@@ -180,7 +180,10 @@ class Storage:
     def write_bytes(self, uri: str, data: bytes, content_type: str | None = None) -> None:
         """Write atomically (local: synced temp file then rename; S3: a single PUT is atomic)."""
         if not is_s3(uri):
-            atomic_write(local_path(uri), data)
+            try:
+                atomic_write(local_path(uri), data)
+            except OSError as err:
+                raise StorageError(uri, f"cannot write: {err.strerror or err}", "unwritable") from None
             return
         bucket, key = split_s3(uri)
         self._call(uri, lambda: self.client.put_object(Bucket=bucket, Key=key, Body=data,
@@ -188,33 +191,65 @@ class Storage:
 
     def read_tagged(self, uri: str) -> tuple[bytes, str] | None:
         """(content, version tag) of a small object or file, or None if absent: the input of replace_if."""
+        stamped = self.read_stamped(uri)
+        return None if stamped is None else (stamped[0], stamped[1])
+
+    def read_stamped(self, uri: str) -> tuple[bytes, str, float] | None:
+        """(content, version tag, age in seconds) or None if absent. The age is the time since the object was last
+        written, on the storage's own clock (S3: the answer's Date less LastModified; a file: its mtime), so that
+        hosts whose clocks disagree still agree on it."""
         if not is_s3(uri):
+            path = local_path(uri)
             try:
-                data = local_path(uri).read_bytes()
+                data = path.read_bytes()
+                modified = path.stat().st_mtime
             except FileNotFoundError:
                 return None
             except OSError as err:
                 raise StorageError(uri, f"cannot read: {err.strerror}", "unreadable") from None
-            return data, hashlib.sha256(data).hexdigest()
+            return data, hashlib.sha256(data).hexdigest(), max(0.0, time.time() - modified)
         bucket, key = split_s3(uri)
         from botocore.exceptions import ClientError  # noqa: PLC0415
 
-        def get() -> tuple[bytes, str] | None:
+        def get() -> tuple[bytes, str, float] | None:
             try:
                 response = self.client.get_object(Bucket=bucket, Key=key)
             except ClientError as err:
                 if _client_code(err) == "not_found":
                     return None
                 raise
-            return response["Body"].read(), response["ETag"]
+            return response["Body"].read(), response["ETag"], _server_age(response)
 
         return self._call(uri, get)
+
+    def age(self, uri: str) -> float | None:
+        """Seconds since the object or file was last written, on the storage's own clock; None if absent."""
+        if not is_s3(uri):
+            try:
+                return max(0.0, time.time() - local_path(uri).stat().st_mtime)
+            except FileNotFoundError:
+                return None
+        bucket, key = split_s3(uri)
+        from botocore.exceptions import ClientError  # noqa: PLC0415
+
+        def head() -> float | None:
+            try:
+                return _server_age(self.client.head_object(Bucket=bucket, Key=key))
+            except ClientError as err:
+                if _client_code(err) == "not_found":
+                    return None
+                raise
+
+        return self._call(uri, head)
 
     def create(self, uri: str, data: bytes) -> str | None:
         """Write only if nothing is there yet (S3: If-None-Match: *); the new tag, or None if something was."""
         if not is_s3(uri):
             path = local_path(uri)
-            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise StorageError(uri, f"cannot create its folder: {err.strerror or err}", "unwritable") from None
             staged = temporary_name(path)
             try:
                 with open(staged, "wb") as handle:
@@ -226,6 +261,8 @@ class Storage:
                 return hashlib.sha256(data).hexdigest()
             except FileExistsError:
                 return None
+            except OSError as err:
+                raise StorageError(uri, f"cannot write: {err.strerror or err}", "unwritable") from None
             finally:
                 staged.unlink(missing_ok=True)
         bucket, key = split_s3(uri)
@@ -466,6 +503,21 @@ def _client_message(err) -> str:  # noqa: ANN001
     if reason == "access_denied":
         return f"access denied ({code}); check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the endpoint"
     return f"{code}: {err.response.get('Error', {}).get('Message', '')}".strip()
+
+
+def _server_age(response: dict) -> float:
+    """An S3 answer's age of its object: the server's Date header less LastModified (one clock, the server's)."""
+    from email.utils import parsedate_to_datetime  # noqa: PLC0415
+
+    modified = response["LastModified"]
+    date = (response.get("ResponseMetadata", {}).get("HTTPHeaders", {}) or {}).get("date")
+    try:
+        served = parsedate_to_datetime(date) if date else None
+    except (TypeError, ValueError):
+        served = None
+    if served is None:  # no Date header: this host's clock is all there is
+        return max(0.0, time.time() - modified.timestamp())
+    return max(0.0, (served - modified).total_seconds())
 
 
 def _content_type(key: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from captioning.options import fetch_config, log, result, network_options
+from captioning.options import fetch_config, log, network_options, non_negative_int, positive, result
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -12,10 +12,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     data = commands.add_parser("data", help="generate or download datasets").add_subparsers(dest="dataset", required=True)
     synthetic = data.add_parser("synthetic", help="deterministic synthetic captioned scenes")
     synthetic.add_argument("--out", required=True, help="folder for images/ and the split manifests")
-    synthetic.add_argument("--train", type=int, default=2000, help="training scenes")
-    synthetic.add_argument("--val", type=int, default=200, help="validation scenes")
-    synthetic.add_argument("--test", type=int, default=0, help="test scenes")
-    synthetic.add_argument("--seed", type=int, default=0, help="seed of the scenes (the same seed, the same files)")
+    synthetic.add_argument("--train", type=non_negative_int, default=2000, help="training scenes")
+    synthetic.add_argument("--val", type=non_negative_int, default=200, help="validation scenes")
+    synthetic.add_argument("--test", type=non_negative_int, default=0, help="test scenes")
+    synthetic.add_argument("--seed", type=non_negative_int, default=0, help="seed of the scenes (the same seed, the same files)")
     synthetic.set_defaults(handler=run_synthetic)
     flickr = data.add_parser("flickr8k", help="download Flickr8k and write train/val/test manifests")
     flickr.add_argument("--out", required=True, help="folder for the images and train/val/test manifests")
@@ -25,8 +25,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     cc = data.add_parser("conceptual-captions", help="download Conceptual Captions images from the TSV")
     cc.add_argument("--out", required=True, help="folder for the fetched images and a manifest of them")
     cc.add_argument("--split", choices=["train", "validation"], default="validation", help="which TSV to read")
-    cc.add_argument("--limit", type=int, default=None, help="only the first N rows")
-    cc.add_argument("--workers", type=int, default=32, help="concurrent downloads")
+    cc.add_argument("--limit", type=positive, default=None, help="only the first N rows")
+    cc.add_argument("--workers", type=positive, default=32, help="concurrent downloads")
     cc.add_argument("--base-url", default=None, help="mirror of the gcc-data bucket")
     network_options(cc, s3=False)
     cc.set_defaults(handler=run_conceptual_captions)

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from captioning.atomic import atomic_write
 from captioning.config import ImageConfig
 from captioning.options import (fetch_config, generation_config, generation_options, log, manifest_options,
                                 manifest_spec, network_options, storage_config)
@@ -94,7 +95,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
     report = evaluate(bundle, manifest, generation_config(args, attention=False), ImageConfig(),
                       Fetcher(fetch_config(args)), args.batch_size, meteor=not args.no_meteor, log=log,
                       storage=storage)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+    atomic_write(Path(args.out), json.dumps(report, indent=2).encode())
     output(format_scores(report["scores"]))
     return 1 if report["failures"] else 0

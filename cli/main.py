@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from captioning.options import HelpFormatter, console_options, guarded
+from captioning.options import HelpFormatter, Parser, console_options, guarded
 from cli import batch, data, demo, inference, models, retrain, schedule, storage, submit, train
 from cli.examples import EXAMPLES
 
@@ -15,7 +15,7 @@ GROUPS = (data, train, inference, batch, submit, models, retrain, schedule, stor
 
 def build_parser() -> argparse.ArgumentParser:
     """Every command group's subcommands and options."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="captioning", description="Train an image captioner and caption image manifests at scale on Ray.",
         epilog="example:\n  captioning demo --out runs/demo\n\n`captioning COMMAND --help` explains each command.",
         formatter_class=HelpFormatter)

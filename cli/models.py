@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from captioning.options import result, storage_config
+from captioning.errors import CaptioningError
+from captioning.options import non_negative_int, result, storage_config
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -30,7 +31,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     show.add_argument("--html", default=None, metavar="FOLDER",
                       help="write FOLDER/index.html: lineage, holdout scores against the parent, training curves, "
                            "holdout gallery with attention per word")
-    show.add_argument("--gallery", type=int, default=12, help="holdout images in the page (default 12)")
+    show.add_argument("--gallery", type=non_negative_int, default=12, help="holdout images in the page")
     promote = action("promote", "make a version current", run_promote)
     promote.add_argument("version", help="the version to make current, such as v0003")
     promote.add_argument("--reason", required=True, help="why (kept in the history)")
@@ -39,18 +40,22 @@ def register(commands: argparse._SubParsersAction) -> None:
     action("history", "every promotion and rollback, oldest first", run_history)
 
 
-def _registry(args: argparse.Namespace):  # noqa: ANN202
+def _registry(args: argparse.Namespace, existing: bool = True):  # noqa: ANN202
+    """The --registry; existing: it must hold something already (a typo is an error, not an empty listing)."""
     from captioning.registry import Registry  # noqa: PLC0415
     from captioning.storage import Storage  # noqa: PLC0415
 
-    return Registry(args.registry, Storage(storage_config(args)))
+    registry = Registry(args.registry, Storage(storage_config(args)))
+    if existing and not registry.exists():
+        raise CaptioningError(args.registry, "no registry here (nothing was ever added to it); check --registry")
+    return registry
 
 
 def run_add(args: argparse.Namespace) -> int:
     """captioning models add."""
     from captioning.registry import add_bundle  # noqa: PLC0415
 
-    registry = _registry(args)
+    registry = _registry(args, existing=False)
     version = add_bundle(registry, args.model, {"source": args.model, "decision": "added by hand"})
     result(f"{version} added from {args.model}")
     if args.promote:
@@ -109,5 +114,5 @@ def run_history(args: argparse.Namespace) -> int:
     """captioning models history."""
     for event in _registry(args).history():
         result(f"{event['at']}  {event['event']:<9} {event['version']}  (was {event.get('previous') or '-'})  "
-            f"by {event['by']}: {event.get('reason', '')}")
+               f"by {event['by']}: {event.get('reason', '')}")
     return 0

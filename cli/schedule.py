@@ -15,8 +15,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     schedule = commands.add_parser(
         "schedule", help="run a job on a cron schedule: captioning schedule --cron EXPR --state URI -- <options>",
         usage="captioning schedule --cron EXPR --state URI [--kind retrain] [--address ADDR] -- <options of the job>")
-    schedule.add_argument("--cron", required=True, help='cron expression in UTC, e.g. "0 3 * * *" (a sixth field: '
-                          "seconds)")
+    schedule.add_argument("--cron", required=True, help='cron expression in UTC, e.g. "0 3 * * *": five fields, or '
+                          "six with seconds last")
     schedule.add_argument("--state", required=True, metavar="URI",
                           help="folder or s3:// prefix for the schedule's decisions (a restart reads them)")
     schedule.add_argument("--kind", default="retrain", choices=["retrain", "batch", "features", "train"],

@@ -7,6 +7,7 @@ import os
 import signal
 from pathlib import Path
 
+from captioning.errors import CaptioningError
 from captioning.options import log, result
 
 
@@ -27,6 +28,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from captioning.seaweed import PORT_FLAGS, SeaweedServer, free_ports  # noqa: PLC0415
 
     data = Path(args.dir)
+    if data.exists() and not data.is_dir():
+        raise CaptioningError(args.dir, "is a file, not a folder: --dir is SeaweedFS's data folder")
     ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS))))
     if args.port:
         ports["s3.port"] = args.port

@@ -10,6 +10,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable
 
+from captioning.atomic import atomic_write
 from captioning.bulk import BulkConfig
 from captioning.bundle import load_bundle
 from captioning.config import FetchConfig, GenerationConfig, ModelConfig, TrainConfig
@@ -56,7 +57,7 @@ def run_demo(out: Path, n_train: int, n_val: int, n_test: int, epochs: int, seed
         log(f"  {Path(ex.image).name}: {result.caption!r}  (reference: {ex.captions[0]!r}) -> {path}")
     log("4/5 evaluation on the held-out test split")
     report = evaluate(bundle, test, log=log)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    atomic_write(out / "report.json", json.dumps(report, indent=2).encode())
     log(format_scores(report["scores"]))
     log(f"report: {out / 'report.json'}; training curves: {out / 'model' / 'training_curves.png'}")
     log("5/5 bulk job: the held-out images as URLs on a loopback server -> local Ray -> Parquet shards")
@@ -75,7 +76,8 @@ def bulk_captions(out: Path, test_manifest: Path, log: Callable[[str], None]) ->
         manifest = out / "bulk-manifest.csv"
         # The server's port differs per run, so each demo run is a new plan: start its output afresh.
         shutil.rmtree(out / "bulk", ignore_errors=True)
-        manifest.write_text("url,caption\n" + "".join(f"{base}/{r['image']},{r['caption'][0]}\n" for r in rows))
+        atomic_write(manifest, ("url,caption\n" + "".join(f"{base}/{r['image']},{r['caption'][0]}\n"
+                                                        for r in rows)).encode())
         config = BulkConfig(str(manifest), str(out / "model"), str(out / "bulk"), ManifestSpec(image_column="url"),
                             shard_size=64, attention_png=4,
                             fetch=FetchConfig(allowed_networks=("127.0.0.1/32",)))  # the demo's own server only

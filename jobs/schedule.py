@@ -7,6 +7,11 @@ restarted scheduler never runs a tick twice.
                                     the job starts, so each tick runs at most once, whoever asks
 Ticks are in UTC. A tick missed while no scheduler ran is run once when one starts (the latest only, never a
 backlog), unless it is older than the schedule itself.
+
+A tick is decided once, as `started`, `skipped` (the previous run goes on) or `failed` (its run could not be
+started, or whether the previous run goes on could not be told): the scheduler records the reason and waits for
+the next tick, whatever went wrong. A tick left `starting` by a scheduler that died in between is settled as
+`failed` by the next scheduler that sees it.
 """
 
 from __future__ import annotations
@@ -21,15 +26,20 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import psutil
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 
 from captioning.errors import CaptioningError
-from captioning.lease import live_holder
+from captioning.records import parse_record
+from captioning.redaction import redact_text
+from captioning.lease import live_holder, process_gone, this_process
 from captioning.options import log as print_log
 from captioning.runs import LEASE
 from captioning.storage import Storage, is_s3, local_path
 
 TICK_FORMAT = "%Y%m%dT%H%M%SZ"
+# A `starting` record older than this, whose scheduler cannot be seen from here, belongs to one that died.
+STARTING_LIMIT = 600.0
+RETRY_AFTER_FAILURE = 30.0  # seconds between tries when a tick cannot even be decided (storage down)
 
 
 class Runner(Protocol):
@@ -113,14 +123,24 @@ def utc(timestamp: float) -> datetime:
     return datetime.fromtimestamp(timestamp, tz=timezone.utc)
 
 
+def check_cron(cron: str, now: float) -> None:
+    """A cron expression of five fields (six with seconds) that fires at least once from now on."""
+    fields = cron.split()
+    if len(fields) not in (5, 6) or not croniter.is_valid(cron):
+        raise CaptioningError("--cron", f"{cron!r} is not a cron expression (five fields, or six with seconds)")
+    try:
+        croniter(cron, utc(now)).get_next(datetime)
+    except (CroniterBadDateError, ValueError, OverflowError):
+        raise CaptioningError("--cron", f"{cron!r} never fires (no such date comes)") from None
+
+
 class Scheduler:
-    """Decides each tick once: start the job, or skip it while the previous run goes on."""
+    """Decides each tick once: start the job, skip it while the previous run goes on, or record why it failed."""
 
     def __init__(self, cron: str, state: str, kind: str, args: list[str], runner: Runner,
                  storage: Storage | None = None, clock: Callable[[], float] = time.time,
                  log: Callable[[str], None] = print_log) -> None:
-        if not croniter.is_valid(cron):
-            raise CaptioningError("--cron", f"{cron!r} is not a cron expression (five fields, or six with seconds)")
+        check_cron(cron, clock())
         self.cron, self.kind, self.args, self.runner = cron, kind, args, runner
         self.state = state.rstrip("/") if is_s3(state) else str(local_path(state))
         self.storage = storage or Storage()
@@ -132,14 +152,16 @@ class Scheduler:
         return "/".join([self.state, *parts])
 
     def _schedule(self) -> float:
-        """The schedule's record, made once; a restart with another cron or job is refused."""
+        """The schedule's record, made once; a restart with another cron or job is refused. Returns since when
+        the schedule exists, on this host's clock at most (a host whose clock ran ahead never holds ticks back)."""
         record = {"cron": self.cron, "kind": self.kind, "args": self.args, "since": self.clock()}
-        self.storage.create(self._at("schedule.json"), json.dumps(record, indent=2).encode())
-        kept = json.loads(self.storage.read_bytes(self._at("schedule.json")))
+        uri = self._at("schedule.json")
+        self.storage.create(uri, json.dumps(record, indent=2).encode())
+        kept = parse_record(uri, self.storage.read_bytes(uri), "schedule")
         if (kept["cron"], kept["kind"], kept["args"]) != (self.cron, self.kind, self.args):
             raise CaptioningError(self.state, f"holds another schedule ({kept['cron']!r}, {kept['kind']} "
                                   f"{' '.join(kept['args'])}); use another --state for this one")
-        return float(kept["since"])
+        return min(float(kept["since"]), self.clock())
 
     def due(self, now: float) -> datetime | None:
         """The latest tick at or before now, if the schedule already existed then."""
@@ -151,13 +173,53 @@ class Scheduler:
         return croniter(self.cron, utc(now)).get_next(datetime).timestamp()
 
     def records(self) -> list[dict[str, Any]]:
-        """Every tick's decision, oldest first."""
+        """Every tick's decision, oldest first (an unreadable record is logged and left out)."""
         keys = sorted(k for k in self.storage.list(self._at("ticks")) if k.endswith(".json"))
-        return [json.loads(self.storage.read_bytes(k)) for k in keys]
+        found = []
+        for key in keys:
+            try:
+                found.append(parse_record(key, self.storage.read_bytes(key), "tick"))
+            except CaptioningError as err:
+                self.log(f"warning: {err}")
+        return found
+
+    def settle(self, now: float) -> None:
+        """Record as failed every tick a dead scheduler left `starting` (it may have started nothing)."""
+        for key in sorted(k for k in self.storage.list(self._at("ticks")) if k.endswith(".json")):
+            tagged = self.storage.read_tagged(key)
+            if tagged is None:
+                continue
+            try:
+                record = parse_record(key, tagged[0], "tick")
+            except CaptioningError:
+                continue
+            if record["decision"] != "starting":
+                continue
+            by = record.get("by_process", {})
+            age = self.storage.age(key)
+            if not process_gone(by) and (age is None or age < STARTING_LIMIT):
+                continue  # its scheduler may still be starting the run
+            settled = {**record, "decision": "failed", "reason": "scheduler stopped before the run started"}
+            if self.storage.replace_if(key, json.dumps(settled).encode(), tagged[1]) is not None:
+                self.log(f"tick {record['tick']}: failed (scheduler stopped before the run started)")
+
+    def _busy(self) -> str | None:
+        """Why a tick must be skipped now, or None."""
+        started = [r for r in self.records() if r["decision"] == "started"]
+        previous = started[-1] if started else None
+        if previous is not None and self.runner.running(previous["run"]):
+            return f"the run of tick {previous['tick']} still goes on"
+        if self.lease is not None:  # any run writing the job's output, started here or anywhere else
+            holder = live_holder(self.storage, self.lease)
+            if holder is not None:
+                return (f"a {holder.get('what', 'run')} holds {self.lease} (host {holder.get('host', '?')}, pid "
+                        f"{holder.get('pid', '?')}, heartbeat {holder['age']:.0f} s ago)")
+        return None
 
     def step(self, now: float | None = None) -> dict[str, Any] | None:
         """Decide the due tick if nobody has; returns the decision made here (None: nothing to decide)."""
         now = self.clock() if now is None else now
+        self.settle(now)
         tick = self.due(now)
         if tick is None:
             return None
@@ -165,30 +227,31 @@ class Scheduler:
         where = self._at("ticks", f"{name}.json")
         if self.storage.exists(where):
             return None
-        started = [r for r in self.records() if r["decision"] == "started"]
-        previous = started[-1] if started else None
-        busy_reason = None
-        if previous is not None and self.runner.running(previous["run"]):
-            busy_reason = f"the run of tick {previous['tick']} still goes on"
-        elif self.lease is not None:  # any run writing the job's output, started here or anywhere else
-            holder = live_holder(self.storage, self.lease)
-            if holder is not None:
-                busy_reason = (f"a {holder.get('what', 'run')} holds {self.lease} (host {holder.get('host', '?')}, pid "
-                               f"{holder.get('pid', '?')}, heartbeat {holder['age']:.0f} s ago)")
-        busy = busy_reason is not None
-        decision = {"tick": name, "decided": utc(now).strftime(TICK_FORMAT), "by": f"pid {os.getpid()}"}
-        if busy:
-            decision.update(decision="skipped", reason=busy_reason)
+        decision: dict[str, Any] = {"tick": name, "decided": utc(now).strftime(TICK_FORMAT),
+                                    "by": f"pid {os.getpid()}", "by_process": this_process()}
+        try:
+            busy = self._busy()
+        except Exception as err:  # noqa: BLE001  (a run that cannot be checked: the tick fails, the scheduler lives)
+            decision.update(decision="failed", reason=f"could not tell whether the previous run goes on: "
+                            f"{one_line(err)}")
         else:
-            decision.update(decision="starting")
+            if busy is not None:
+                decision.update(decision="skipped", reason=busy)
+            else:
+                decision.update(decision="starting")
         # Claimed before anything starts: a second scheduler, or this one restarted, finds the tick decided.
         if self.storage.create(where, json.dumps(decision).encode()) is None:
             return None
-        if not busy:
-            decision.update(decision="started", run=self.runner.start(self.kind, self.args, name))
+        if decision["decision"] == "starting":
+            try:
+                decision.update(decision="started", run=self.runner.start(self.kind, self.args, name))
+            except Exception as err:  # noqa: BLE001
+                decision.update(decision="failed", reason=f"the run could not be started: {one_line(err)}")
             self.storage.write_bytes(where, json.dumps(decision).encode())
-        self.log(f"tick {name}: {decision['decision']}"
-                 + (f" ({decision['reason']})" if busy else f" {self.kind}: {json.dumps(decision['run'])}"))
+        detail = f" {self.kind}: {json.dumps(decision['run'])}" if decision["decision"] == "started" \
+            else f" ({decision['reason']})"
+        line = f"tick {name}: {decision['decision']}{detail}"
+        self.log(f"warning: {line}" if decision["decision"] == "failed" else line)
         return decision
 
     def run(self, max_ticks: int | None = None, sleep: Callable[[float], None] = time.sleep) -> None:
@@ -196,8 +259,21 @@ class Scheduler:
         made = 0
         self.log(f"schedule {self.cron!r} (UTC): {self.kind} {' '.join(self.args)}; state in {self.state}")
         while max_ticks is None or made < max_ticks:
-            if self.step() is not None:
+            try:
+                decided = self.step()
+            except Exception as err:  # noqa: BLE001  (storage down, say: a long-lived process lives on)
+                self.log(f"warning: could not decide the due tick: {one_line(err)}; trying again in "
+                         f"{RETRY_AFTER_FAILURE:.0f} s")
+                sleep(RETRY_AFTER_FAILURE)
+                continue
+            if decided is not None:
                 made += 1
                 continue
             now = self.clock()
             sleep(max(0.05, min(self.next_tick(now) - now, 60.0)))
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as one short line, secrets redacted."""
+    text = str(err) if isinstance(err, CaptioningError) else f"{type(err).__name__}: {err}"
+    return redact_text(" ".join(text.split()))[:500]

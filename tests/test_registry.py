@@ -30,10 +30,10 @@ def no_check(_uri: str) -> None:
 def test_versions_promotion_rollback_and_history_in_a_folder(tmp_path):
     registry = Registry(str(tmp_path / "reg"))
     assert registry.versions() == [] and registry.current() == (None, None)
-    first = add_bundle(registry, str(fake_bundle(tmp_path / "a", "a")), {"decision": "seed"})
+    first = add_bundle(registry, str(fake_bundle(tmp_path / "a", "a")), {"decision": "seed"}, verify=no_check)
     assert first == "v0001" and registry.info(first)["parent"] is None
     assert registry.move(first, None, "first model", "promote", verify=no_check)
-    second = add_bundle(registry, str(fake_bundle(tmp_path / "b", "b")), {})
+    second = add_bundle(registry, str(fake_bundle(tmp_path / "b", "b")), {}, verify=no_check)
     assert registry.info(second)["parent"] == "v0001"  # the current version when it was made
     pointer, tag = registry.current()
     assert registry.move(second, tag, "better", "promote", verify=no_check)
@@ -89,7 +89,10 @@ def test_a_bundle_that_does_not_load_is_never_pointed_at(trained_bundle, tmp_pat
     registry.promote(good, "works")
     broken = fake_bundle(tmp_path / "broken", "x")
     (broken / "bundle.json").write_text((trained_bundle / "bundle.json").read_text())
-    bad = add_bundle(registry, str(broken), {})
+    with pytest.raises(BundleError):  # refused at the door, before a number is taken
+        add_bundle(registry, str(broken), {})
+    assert registry.abandoned(max_age=0) == []
+    bad = add_bundle(registry, str(broken), {}, verify=no_check)  # one that broke after it was added
     with pytest.raises(BundleError):
         registry.promote(bad, "should not happen")
     assert registry.current()[0]["version"] == good and len(registry.history()) == 1
@@ -104,7 +107,7 @@ def test_models_commands_and_registry_consumers(trained_bundle, synthetic_data, 
         return code, out, err
 
     code, out, err = run("caption", f"registry+{reg}", "x.jpg")
-    assert code == 2 and "no current version" in err and err.count("\n") == 1
+    assert code == 2 and "no registry here" in err and err.count("\n") == 1
     assert run("models", "add", "--registry", reg, str(trained_bundle), "--promote")[0] == 0
     assert run("models", "add", "--registry", reg, str(trained_bundle))[0] == 0
     code, out, _ = run("models", "promote", "v0002", "--registry", reg, "--reason", "same model, newer")

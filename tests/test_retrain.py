@@ -113,7 +113,7 @@ def test_retrain_end_to_end_on_seaweedfs(seaweed, scenes, monkeypatch):
         version = bundle.rstrip("/").split("/")[-2]
         if version not in measured:  # a version's real scores do not change: once each
             measured[version] = holdout_scores(bundle, holdout, spec, train, storage, log)
-        return {**measured[version], **scripted[version]}
+        return {**measured[version], "scores": {**measured[version]["scores"], **scripted[version]}}
 
     def run() -> dict:
         return retrain(config, log=logs.append, progress=False, score=score)
@@ -137,7 +137,8 @@ def test_retrain_end_to_end_on_seaweedfs(seaweed, scenes, monkeypatch):
     put_manifest(storage, f"{prefix}/data/m3-shuffled.jsonl", scenes["bad"])
     third = run()
     assert third["version"] == "v0003" and third["action"] == "rejected", third
-    assert all(m["images"] == 24 and 0 <= m["bleu4"] <= 1 for m in measured.values())  # real holdout runs
+    assert all(m["scores"]["images"] == 24 and 0 <= m["scores"]["bleu4"] <= 1 and len(m["images"]) == 24
+               for m in measured.values())  # real holdout runs, every image scored
     assert any("warm start from" in line and "vocabulary" in line for line in logs)
     losses = [float(line.split("loss ")[1].split()[0]) for line in logs if line.startswith("epoch ")]
     assert max(losses) < 10  # honest losses on data with words the parent's vocabulary lacks
@@ -181,7 +182,7 @@ def test_a_second_retrain_is_refused_and_a_pointer_moved_meanwhile_is_not_overwr
     def score(bundle, holdout, spec, train, storage_, log):
         if bundle.rstrip("/").split("/")[-2] == "v0002":  # the candidate, trained: now the manual promote lands
             Registry(f"{prefix}/registry", Storage()).promote("v0001", "by hand, meanwhile")
-        return {"bleu4": 0.5, "cider": 1.0}
+        return {"scores": {"bleu4": 0.5, "cider": 1.0}, "images": ["a", "b"], "rows": 2}
 
     decided = retrain(config_for(prefix, scenes), log=lambda _: None, progress=False, score=score)
     assert decided["action"] == "rejected" and "while this run trained" in decided["reason"]

@@ -10,7 +10,7 @@ from typing import Callable
 
 
 from captioning import console
-from captioning.atomic import atomic_write
+from captioning.atomic import atomic_path, atomic_write
 from captioning.config import FetchConfig, ImageConfig
 from captioning.errors import CaptioningError, internal_error
 from captioning.fetch import Fetcher
@@ -67,7 +67,8 @@ def download(
 
     manifest_path, failures_path = out / f"{split}.jsonl", out / f"{split}-failures.jsonl"
     counts = {"ok": 0, "failed": 0, "cached": 0}
-    with open(manifest_path, "w") as good, open(failures_path, "w") as bad, ThreadPoolExecutor(workers) as pool:
+    with atomic_path(manifest_path) as good_tmp, atomic_path(failures_path) as bad_tmp, \
+            open(good_tmp, "w") as good, open(bad_tmp, "w") as bad, ThreadPoolExecutor(workers) as pool:
         for err in manifest.errors:
             bad.write(json.dumps({"row": err.source, "status": err.reason, "error": err.message}) + "\n")
             counts["failed"] += 1

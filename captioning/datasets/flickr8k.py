@@ -10,7 +10,7 @@ from typing import Callable
 
 
 from captioning import console
-from captioning.atomic import atomic_write
+from captioning.atomic import atomic_path, atomic_write
 from captioning.config import FetchConfig
 from captioning.errors import CaptioningError
 from captioning.fetch import Fetcher
@@ -47,7 +47,7 @@ def download(
     for split, names in splits.items():
         path = out / f"{split}.jsonl"
         missing = [n for n in names if n not in images or n not in captions]
-        with open(path, "w") as handle:
+        with atomic_path(path) as tmp, open(tmp, "w") as handle:
             for name in names:
                 if name in images and name in captions:
                     handle.write(json.dumps({"image": f"images/{name}", "caption": captions[name]}) + "\n")

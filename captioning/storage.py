@@ -328,7 +328,11 @@ class Storage:
         """Write and delete a probe under prefix: a run fails on credentials or a missing bucket before its work,
         not after it."""
         if not is_s3(prefix):
-            local_path(prefix).mkdir(parents=True, exist_ok=True)
+            try:
+                local_path(prefix).mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise StorageError(prefix, f"cannot create this folder: {err.strerror or err}", "unwritable") \
+                    from None
             return
         probe = f"{prefix.rstrip('/')}/.write-probe-{os.getpid()}"
         try:

@@ -69,12 +69,19 @@ def run_submit(args: argparse.Namespace) -> int:
     if args.passed is None:
         raise CaptioningError("jobs submit", f"put the job's options after `--`: captioning jobs submit {args.kind} "
                               f"--address ... -- <options of `captioning {args.kind}`>")
+    from jobs.submit import check_args, check_secrets  # noqa: PLC0415
+
     job_args = args.passed
+    check_args(args.kind, job_args)
+    if args.name is not None:
+        check_secrets("jobs submit --name", [args.name])
     submission = Submission(args.kind, job_args, name=args.name, code=args.code, pip=args.pip,
                             forward_credentials=not args.no_credentials, entrypoint_cpus=args.entrypoint_cpus)
+    records = _records(args)
+    if records:
+        records.probe()  # a record that cannot be written fails now, not after the job runs without one
     cluster = Cluster(args.address)
     job_id = cluster.submit(submission)
-    records = _records(args)
     if records:
         records.put(record_for(submission, job_id, cluster.address))
     if not args.wait:

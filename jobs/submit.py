@@ -1,9 +1,10 @@
 """Submitting the Ray jobs to a cluster with Ray's Job Submission SDK, following them, and keeping their records.
 
 A submitted job runs `python -m jobs.<kind> ARGS`, the very entrypoint and options of the local command. The code
-travels as a staged copy of the checkout (captioning/, jobs/, pyproject.toml: never data, runs/, .venv or caches)
-or is taken from the cluster's image; storage credentials travel as runtime_env environment variables and are
-kept out of the entrypoint, metadata, records and everything printed.
+travels as a staged copy of the checkout's tracked files (captioning/, jobs/, pyproject.toml, README.md, as
+`git ls-files` names them: never an untracked file, a link or data) or is taken from the cluster's image; storage
+credentials travel as runtime_env environment variables and are kept out of the entrypoint, metadata, records and
+everything printed (captioning/redaction.py). Options and names that carry credentials are refused.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import os
 import re
 import secrets
 import shlex
-import shutil
 import socket
 import subprocess
 import time
@@ -25,7 +25,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from captioning import options
+from captioning.atomic import atomic_write
 from captioning.errors import CaptioningError
+from captioning.records import parse_record
+from captioning.redaction import REDACTED, credentials_in, find_token, redact_text, secret_values
 from captioning.storage import Storage, is_s3, local_path
 
 KINDS = {"batch": options.batch_options, "features": options.features_options, "train": options.train_options,
@@ -34,34 +37,15 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 # Set on the submitting machine, these reach the job's driver and every task and actor it starts.
 FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
                  "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
-SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN")
 SHIPPED = ("captioning", "jobs", "pyproject.toml", "README.md")  # what a checkout sends: the code, nothing else
+MAX_STAGED_BYTES = 20 * 1024 * 1024  # the code is well under 1 MB: anything near this is data that slipped in
 ROOT = Path(__file__).resolve().parent.parent
-REDACTED = "<redacted>"
-
-
-def find_token() -> str | None:
-    """The Ray auth token, where Ray itself looks: RAY_AUTH_TOKEN, the file at RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token."""
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        return os.environ["RAY_AUTH_TOKEN"].strip()
-    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
-    try:
-        return path.read_text().strip() or None
-    except OSError:
-        return None
-
-
-def secret_values() -> list[str]:
-    """The values that must never be printed, recorded or put in a job's entrypoint."""
-    values = [os.environ.get(name, "") for name in SECRET_ENV] + [find_token() or ""]
-    return [v for v in values if len(v) >= 4]
+__all__ = ["REDACTED", "find_token", "secret_values"]
 
 
 def redact(text: str, hidden: list[str] | None = None) -> str:
-    """text with every secret value and URL password replaced."""
-    for value in secret_values() if hidden is None else hidden:
-        text = text.replace(value, REDACTED)
-    return re.sub(r"(://[^/\s:@]+:)[^/\s@]+@", rf"\1{REDACTED}@", text)
+    """text with every secret value masked and every URL redacted (the project's one redaction)."""
+    return redact_text(text, hidden)
 
 
 def check_args(kind: str, args: list[str]) -> None:
@@ -75,10 +59,20 @@ def check_args(kind: str, args: list[str]) -> None:
 
     parser.error = refuse  # one error line here, before anything reaches the cluster
     parser.parse_args(args)
-    joined = " ".join(args)
-    if any(value in joined for value in secret_values()) or redact(joined, []) != joined:
-        raise CaptioningError(f"jobs submit {kind}", "an option holds a secret (a key, token or URL password); "
-                              "set it in the environment (AWS_*), which the job receives, and leave it out of options")
+    check_secrets(f"jobs submit {kind}", args)
+
+
+def check_secrets(where: str, values: list[str]) -> None:
+    """Refuse options (or a job name) that carry a credential: a known secret of any length, a URL's user or
+    password, a presigned URL's signature. They would reach Ray's entrypoint, metadata and logs."""
+    how = ("pass credentials through the environment (AWS_* are forwarded to the job), and give URLs without "
+           "user, password or signature (a presigned URL is a credential)")
+    for value in values:
+        if any(secret in value for secret in secret_values()):
+            raise CaptioningError(where, f"an option holds a secret value (a key or token set here); {how}")
+        found = credentials_in(value)
+        if found:
+            raise CaptioningError(where, f"an option holds {found}; {how}")
 
 
 def source_state(root: Path = ROOT) -> dict[str, str]:
@@ -94,22 +88,44 @@ def source_state(root: Path = ROOT) -> dict[str, str]:
     commit = git("rev-parse", "HEAD")
     if commit is None:
         return {"commit": "unknown", "dirty": "unknown"}
-    changes = git("status", "--porcelain", "--untracked-files=no", "--", *SHIPPED)
+    changes = git("status", "--porcelain", "--untracked-files=all", "--", *SHIPPED)
     return {"commit": commit, "dirty": "true" if changes else "false"}
 
 
+def tracked_files(root: Path = ROOT) -> list[str]:
+    """The files of SHIPPED that git tracks (relative paths), as they are in the working tree."""
+    try:
+        done = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--", *SHIPPED], capture_output=True,
+                              timeout=60, check=False)
+    except OSError:
+        done = None
+    if done is None or done.returncode != 0:
+        raise CaptioningError(str(root), "is not a git checkout: only tracked files are shipped with a job; submit "
+                              "from a clone, or with --code image (the cluster's image has the package installed)")
+    return sorted(name for name in done.stdout.decode().split("\0") if name)
+
+
 def stage_code(dest: Path, root: Path = ROOT) -> Path:
-    """A copy of just the code (SHIPPED) to send as the job's working_dir: data, runs/, .venv and caches stay home."""
+    """A copy of exactly the tracked files of SHIPPED to send as the job's working_dir: no untracked file, no link
+    followed, nothing over MAX_STAGED_BYTES in all."""
     if not (root / "pyproject.toml").is_file() or not (root / "captioning").is_dir():
         raise CaptioningError(str(root), "is not a checkout of this project; submit with --code image (the cluster's "
                               "image has the package installed)")
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".*")
-    for name in SHIPPED:
+    total = 0
+    for name in tracked_files(root):
         source = root / name
-        if source.is_dir():
-            shutil.copytree(source, dest / name, ignore=ignore)
-        elif source.is_file():
-            shutil.copy2(source, dest / name)
+        if source.is_symlink():
+            raise CaptioningError(str(source), "is a symbolic link: a job ships files, never links (they could "
+                                  "point anywhere, ~/.aws included)")
+        if not source.is_file():
+            continue  # tracked but deleted here: the job runs without it, and `dirty` says so
+        total += source.stat().st_size
+        if total > MAX_STAGED_BYTES:
+            raise CaptioningError(str(root), f"the tracked code is over {MAX_STAGED_BYTES // 2 ** 20} MiB (at "
+                                  f"{name}): data does not travel with a job; keep it in storage")
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(target, source.read_bytes(), mode=source.stat().st_mode & 0o777)
     return dest
 
 
@@ -158,7 +174,7 @@ class Submission:
         return self._metadata
 
     def _describe(self, job_id: str) -> dict[str, str]:
-        return {"job_id": job_id, "captioning_kind": self.kind, "job_name": self.name or job_id,
+        return {"job_id": job_id, "captioning_kind": self.kind, "job_name": redact(self.name or job_id),
                 "captioning_args": json.dumps([redact(a) for a in self.args]), "code": self.code,
                 **{f"source_{k}": v for k, v in source_state().items()},
                 "submitted_by": f"{getpass.getuser()}@{socket.gethostname()}",
@@ -206,7 +222,7 @@ class JobRecords:
         uri = self._uri(job_id)
         if not self.storage.exists(uri):
             return None
-        return JobRecord(**json.loads(self.storage.read_bytes(uri)))
+        return JobRecord(**parse_record(uri, self.storage.read_bytes(uri), "job"))
 
     def update(self, job_id: str, state: str, message: str = "") -> None:
         """Record a job's latest state (and when it finished)."""
@@ -222,8 +238,15 @@ class JobRecords:
         """Every record, oldest submission first."""
         uris = [u for u in self.storage.list(self.prefix) if u.endswith(".json")] \
             if is_s3(self.prefix) or Path(self.prefix).is_dir() else []
-        records = [JobRecord(**json.loads(self.storage.read_bytes(u))) for u in uris]
+        records = [JobRecord(**parse_record(u, self.storage.read_bytes(u), "job")) for u in uris]
         return sorted(records, key=lambda r: (r.submitted_at, r.job_id))
+
+    def probe(self) -> None:
+        """Fail now, before a job is submitted, if records cannot be written here."""
+        self.storage.check_writable(self.prefix)
+        probe = f"{self.prefix}/.probe-{os.getpid()}-{secrets.token_hex(3)}.json"
+        self.storage.write_bytes(probe, b"{}")
+        self.storage.delete(probe)
 
 
 class Cluster:
@@ -258,9 +281,12 @@ class Cluster:
                 reason = ("the cluster rejected the Ray auth token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or "
                           "~/.ray/auth_token): it is not this cluster's token")
             raise CaptioningError(where, reason, "auth") from None
-        except ConnectionError as err:
+        except (ConnectionError, OSError) as err:  # requests' ConnectionError is an OSError, not the built-in one
             raise CaptioningError(where, f"no Ray dashboard answers here ({type(err).__name__})",
                                   "unreachable") from None
+        except ValueError as err:  # a malformed address (urllib: "Invalid IPv6 URL")
+            raise CaptioningError(where, f"is not a usable address: {redact(str(err))[:200]}", "bad_address") \
+                from None
         except RuntimeError as err:
             text = redact(str(err)).strip().splitlines()
             message = text[-1] if text else type(err).__name__
@@ -296,11 +322,16 @@ class Cluster:
 
     def follow(self, job_id: str, out: Callable[[str], None]) -> None:
         """Stream a job's log until it ends, secrets redacted."""
+        lines = LineRedactor(out)
+
         async def tail() -> None:
             async for chunk in self.client.tail_job_logs(job_id):
-                out(redact(chunk))
+                lines.feed(chunk)
 
-        self._call(lambda: asyncio.run(tail()))
+        try:
+            self._call(lambda: asyncio.run(tail()))
+        finally:
+            lines.close()
 
     def wait(self, job_id: str, poll: float = 1.0, timeout: float | None = None) -> tuple[str, str]:
         """Poll until the job ends; returns its final state and message."""
@@ -329,6 +360,31 @@ class Cluster:
                    "commit": meta.get("source_commit", "")[:12]
                    + ("+dirty" if meta.get("source_dirty") == "true" else ""),
                    "message": headline(info.message)}
+
+
+class LineRedactor:
+    """Redacts a log streamed in chunks line by line, so that a secret split across two chunks is still masked."""
+
+    LIMIT = 1 << 20  # a "line" longer than this is cut at its last space: the buffer stays bounded
+
+    def __init__(self, out: Callable[[str], None]) -> None:
+        self.out, self.pending = out, ""
+
+    def feed(self, chunk: str) -> None:
+        """Take a chunk; write every complete line of what has come so far."""
+        self.pending += chunk
+        cut = self.pending.rfind("\n") + 1
+        if not cut and len(self.pending) > self.LIMIT:
+            cut = self.pending.rfind(" ", 0, len(self.pending) - 4096) + 1 or len(self.pending) - 4096
+        if cut:
+            self.out(redact(self.pending[:cut]))
+            self.pending = self.pending[cut:]
+
+    def close(self) -> None:
+        """Write what is left (the log's last line, if it had no newline)."""
+        if self.pending:
+            self.out(redact(self.pending))
+            self.pending = ""
 
 
 def headline(message: str | None) -> str:

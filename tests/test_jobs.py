@@ -42,9 +42,55 @@ def test_job_options_are_checked_before_submission_and_secrets_are_refused(monke
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     with pytest.raises(CaptioningError, match="holds a secret"):
         check_args("features", ["--manifest", "m.csv", "--out", f"s3://b/{SECRET}"])
-    with pytest.raises(CaptioningError, match="holds a secret"):
+    with pytest.raises(CaptioningError, match="holds a user or password in the URL http://\\*\\*\\*@host:9000"):
         check_args("train", ["--train", "a", "--val", "b", "--out", "c", "--s3-endpoint", "http://key:pw@host:9000"])
-    assert redact(f"x {SECRET} http://u:pw@h/p") == "x <redacted> http://u:<redacted>@h/p"
+    assert redact(f"x {SECRET} http://u:pw@h/p") == "x <redacted> http://***@h/p"
+
+
+@pytest.mark.parametrize("option", ["https://:pw@host/m.csv", "https://TOKEN@host/m.csv", "https://u:p@ss@host/m.csv",
+                                    "https://h/m.csv?X-Amz-Signature=abc&X-Amz-Credential=k",
+                                    "https://h/m.csv?sig=abc", "https://h/m.csv?token=abc"])
+def test_options_that_carry_credentials_are_refused_with_how_to_pass_them(option):
+    with pytest.raises(CaptioningError) as caught:
+        check_args("batch", ["--manifest", option, "--model", "s3://b/m", "--output", "s3://b/o"])
+    message = str(caught.value)
+    assert "pass credentials through the environment" in message
+    assert "pw" not in message and "abc" not in message and "TOKEN" not in message and "ss@" not in message
+
+
+def test_short_secrets_are_masked_and_a_name_holding_one_is_refused(monkeypatch, capsys):
+    from jobs.submit import check_secrets
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "q7z")
+    assert redact("key q7z here") == "key <redacted> here"
+    with pytest.raises(CaptioningError, match="holds a secret value"):
+        check_secrets("jobs submit --name", ["nightly-q7z"])
+    code, _, err = run_cli(capsys, "jobs", "submit", "batch", "--name", "nightly-q7z", "--address",
+                           "http://127.0.0.1:9", "--", "--manifest", "m", "--model", "m", "--output", "o")
+    assert code == 2 and err.count("\n") == 1 and "q7z" not in err
+
+
+def test_a_record_prefix_that_cannot_be_written_fails_before_submission(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    code, _, err = run_cli(capsys, "jobs", "submit", "batch", "--record", str(tmp_path / "file" / "records"),
+                           "--address", "http://127.0.0.1:9", "--", "--manifest", "m", "--model", "m", "--output", "o")
+    # The record is refused first: the cluster (nothing listens at :9) is never asked.
+    assert code == 2 and err.count("\n") == 1 and "records" in err and "dashboard" not in err, err
+
+
+def test_following_a_log_masks_a_secret_split_across_chunks(monkeypatch):
+    from jobs.submit import LineRedactor
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    printed: list[str] = []
+    lines = LineRedactor(printed.append)
+    text = f"step 1\nkey {SECRET} used\nurl https://u:pw@h/x?sig=1 done\nlast"
+    for start in range(0, len(text), 5):  # every secret is cut by some boundary
+        lines.feed(text[start:start + 5])
+    lines.close()
+    joined = "".join(printed)
+    assert SECRET not in joined and "pw" not in joined and "sig=1" not in joined
+    assert joined == "step 1\nkey <redacted> used\nurl https://***@h/x?... done\nlast"
 
 
 def test_submit_without_the_separator_or_cluster_is_one_error_line(capsys, monkeypatch):
@@ -58,17 +104,48 @@ def test_submit_without_the_separator_or_cluster_is_one_error_line(capsys, monke
     assert code == 2 and "no Ray dashboard answers here" in err and "Traceback" not in err
 
 
-def test_only_the_code_travels(tmp_path):
-    root = tmp_path / "checkout"
-    for path in ("captioning/a.py", "captioning/__pycache__/a.pyc", "jobs/b.py", "pyproject.toml", "README.md",
-                 ".venv/bin/python", "runs/demo/bundle.json", "data/train.jsonl", ".git/HEAD", "models/m.h5"):
+def git_checkout(root: Path, tracked: dict[str, str]) -> None:
+    """A git repository at root whose commit holds exactly these files."""
+    for path, text in tracked.items():
         (root / path).parent.mkdir(parents=True, exist_ok=True)
-        (root / path).write_text("x")
+        (root / path).write_text(text)
+    for argv in (["init", "-q"], ["add", *tracked], ["-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "c"]):
+        subprocess.run(["git", "-C", str(root), *argv], check=True, capture_output=True)
+
+
+def test_only_the_tracked_code_travels(tmp_path):
+    root = tmp_path / "checkout"
+    git_checkout(root, {"captioning/a.py": "A = 1\n", "jobs/b.py": "B = 1\n", "pyproject.toml": "[project]\n",
+                        "README.md": "# r\n", "runs/demo/bundle.json": "{}"})
+    # Beside the code, untracked: a credentials file, a link into ~/.aws, a data file, caches.
+    aws = tmp_path / "home" / ".aws"
+    aws.mkdir(parents=True)
+    (aws / "credentials").write_text("aws_secret_access_key = x")
+    (root / "jobs" / "credentials.env").write_text("AWS_SECRET_ACCESS_KEY=x")
+    (root / "captioning" / "aws").symlink_to(aws)
+    (root / "captioning" / "big.bin").write_bytes(b"0" * (20 * 2 ** 20))
+    (root / "captioning" / "__pycache__").mkdir()
+    (root / "captioning" / "__pycache__" / "a.pyc").write_text("x")
     staged = stage_code(tmp_path / "staged", root)
-    files = sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file())
+    files = sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file() or p.is_symlink())
     assert files == ["README.md", "captioning/a.py", "jobs/b.py", "pyproject.toml"]
+    assert source_state(root)["dirty"] == "true"  # untracked files beside the shipped code count as changes
     with pytest.raises(CaptioningError, match="--code image"):
         stage_code(tmp_path / "other", tmp_path / "nowhere")
+
+
+def test_a_tracked_link_or_too_much_data_is_refused(tmp_path):
+    root = tmp_path / "linked"
+    git_checkout(root, {"captioning/a.py": "A = 1\n", "pyproject.toml": "[project]\n"})
+    (root / "captioning" / "creds").symlink_to(tmp_path)
+    subprocess.run(["git", "-C", str(root), "add", "captioning/creds"], check=True, capture_output=True)
+    with pytest.raises(CaptioningError, match="is a symbolic link"):
+        stage_code(tmp_path / "s1", root)
+    heavy = tmp_path / "heavy"
+    git_checkout(heavy, {"captioning/a.py": "A = 1\n", "pyproject.toml": "[project]\n",
+                         "captioning/data.bin": "0" * (21 * 2 ** 20)})
+    with pytest.raises(CaptioningError, match="over 20 MiB"):
+        stage_code(tmp_path / "s2", heavy)
 
 
 def test_metadata_names_the_commit_and_uncommitted_changes(tmp_path):

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -91,3 +92,74 @@ def test_a_killed_holder_on_this_host_is_taken_over_at_once(tmp_path):
     logs = []
     Lease(Storage(), where, stale_after=3600, log=logs.append).acquire().release()
     assert any("its process is gone" in line for line in logs)
+
+
+def foreign(storage, where, **fields):
+    """A lease written by another run: a record with these fields, its storage time now."""
+    from captioning.lease import this_process
+
+    record = {"id": "other", **this_process(), "started": "t", "what": "batch run", **fields}
+    storage.write_bytes(where, json.dumps(record).encode())
+
+
+def test_staleness_is_judged_by_the_storages_clock_not_the_writers(place):
+    storage, where = place
+    # A live holder whose clock is 3 minutes behind (its heartbeat field is old): its lease was written just now.
+    foreign(storage, where, host="other-host", heartbeat=time.time() - 180)
+    with pytest.raises(LeaseHeld, match="another batch run"):
+        Lease(storage, where, log=lambda _: None).acquire()
+    # A dead holder whose clock was a day ahead: stale once the object itself is older than stale_after.
+    foreign(storage, where, host="other-host", heartbeat=1e308)
+    time.sleep(2.2)  # S3 stamps objects to the second
+    logs = []
+    Lease(storage, where, stale_after=1.0, log=logs.append).acquire().release()
+    assert any("took over a stale lease" in line for line in logs)
+
+
+def test_a_pid_in_another_namespace_or_boot_is_not_judged_from_here(tmp_path):
+    storage, where = Storage(), str(tmp_path / "_lease.json")
+    gone_pid = 2 ** 22 + 3
+    # A container with this hostname: its pid means nothing here, only its heartbeat counts.
+    foreign(storage, where, pid=gone_pid, pid_ns="pid:[4026530000]", heartbeat="not a number")
+    with pytest.raises(LeaseHeld):
+        Lease(storage, where, log=lambda _: None).acquire()
+    foreign(storage, where, pid=gone_pid, boot=1.0)  # this host before a reboot: the same
+    with pytest.raises(LeaseHeld):
+        Lease(storage, where, log=lambda _: None).acquire()
+    foreign(storage, where, pid=gone_pid)  # this host, boot and namespace: the pid is known gone
+    logs = []
+    Lease(storage, where, log=logs.append).acquire().release()
+    assert any("its process is gone" in line for line in logs)
+
+
+def test_a_malformed_lease_is_stale_with_a_log_line(tmp_path):
+    storage, where = Storage(), str(tmp_path / "_lease.json")
+    for junk in (b"{not json", b"[1, 2]", b"{}"):
+        storage.write_bytes(where, junk)
+        logs = []
+        Lease(storage, where, log=logs.append).acquire().release()
+        assert any("is unreadable (not a lease record): treated as stale" in line for line in logs), logs
+
+
+def test_a_run_that_loses_its_lease_stops_with_one_line(tmp_path):
+    where = str(tmp_path / "_lease.json")
+    # The run writes a file per 0.1 s under its lease; another run takes the lease over meanwhile.
+    code = ("import sys, time, pathlib; from captioning.lease import Lease; from captioning.storage import Storage; "
+            "from captioning.options import guarded\n"
+            "def work():\n"
+            f"    with Lease(Storage(), {where!r}, heartbeat=0.2, log=print):\n"
+            "        print('held', flush=True)\n"
+            f"        for i in range(600): pathlib.Path({str(tmp_path)!r}, f'part-{{i}}').write_text('x'); "
+            "time.sleep(0.1)\n"
+            "    return 0\n"
+            "sys.exit(guarded(work))")
+    run = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert run.stdout.readline().strip() == "held"
+    record = json.loads(Path(where).read_text())
+    Path(where).write_text(json.dumps({**record, "id": "taker", "pid": 1}))  # taken over by another run
+    out, err = run.communicate(timeout=30)
+    assert run.returncode == 2, (out, err)
+    assert err.strip().splitlines()[-1].startswith(f"error: {where}: another run took over this output's lease")
+    written = len(list(tmp_path.glob("part-*")))
+    time.sleep(0.5)
+    assert len(list(tmp_path.glob("part-*"))) == written < 100  # it stopped writing at once

@@ -137,3 +137,97 @@ def test_a_tick_is_skipped_while_any_run_holds_the_outputs_lease(tmp_path):
     batch = Scheduler("* * * * *", str(tmp_path / "state2"), "batch", ["--manifest", "m", "--model", "x",
                       "--output", "s3://b/out/"], runner, clock=clock, log=lambda _: None)
     assert batch.lease == "s3://b/out/_lease.json"
+
+
+class BrokenRunner(FakeRunner):
+    """start raises (a cluster briefly gone) until `broken` is cleared; running can raise too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.broken = True
+        self.check_fails = False
+
+    def start(self, kind, args, tick):
+        if self.broken:
+            raise CaptioningError("http://127.0.0.1:1", "no Ray dashboard answers here")
+        return super().start(kind, args, tick)
+
+    def running(self, run):
+        if self.check_fails:
+            raise RuntimeError("dashboard answered 500")
+        return super().running(run)
+
+
+def test_a_tick_that_cannot_start_is_recorded_failed_and_the_next_tick_tries_again(tmp_path):
+    runner, clock, logs = BrokenRunner(), Clock(T0), []
+    decide = Scheduler("* * * * *", str(tmp_path), "retrain", ["--registry", "r"], runner, clock=clock,
+                       log=logs.append)
+    clock.now += 40
+    failed = decide.step()
+    assert failed["decision"] == "failed" and "no Ray dashboard answers here" in failed["reason"]
+    assert any(line.startswith("warning: tick 20260101T000100Z: failed (the run could not be started") for line in logs)
+    assert decide.step() is None  # decided: a failed tick is not retried within itself
+    runner.broken = False
+    clock.now += 60
+    assert decide.step()["decision"] == "started" and runner.started == ["20260101T000200Z"]
+    # Whether the previous run goes on cannot be told (a dashboard answering 500): that tick fails, no overlap.
+    runner.check_fails = True
+    clock.now += 60
+    unknown = decide.step()
+    assert unknown["decision"] == "failed" and "dashboard answered 500" in unknown["reason"]
+    assert runner.started == ["20260101T000200Z"]
+    assert [r["decision"] for r in decide.records()] == ["failed", "started", "failed"]
+
+
+def test_the_loop_survives_a_failing_step_and_records_it(tmp_path):
+    runner, clock, logs = FakeRunner(), Clock(T0), []
+    decide = Scheduler("* * * * *", str(tmp_path), "retrain", ["--registry", "r"], runner, clock=clock,
+                       log=logs.append)
+    clock.now += 40
+    real_step, calls = decide.step, []
+
+    def flaky_step():
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("storage went away")
+        return real_step()
+
+    decide.step = flaky_step
+    decide.run(max_ticks=1, sleep=lambda seconds: None)
+    assert runner.started == ["20260101T000100Z"]
+    assert any("could not decide the due tick: OSError: storage went away" in line for line in logs)
+
+
+def test_a_tick_left_starting_by_a_dead_scheduler_is_settled_as_failed(tmp_path):
+    from captioning.lease import this_process
+
+    runner, clock = FakeRunner(), Clock(T0)
+    decide = Scheduler("* * * * *", str(tmp_path), "retrain", ["--registry", "r"], runner, clock=clock,
+                       log=lambda _: None)
+    clock.now += 40
+    ticks = tmp_path / "ticks"
+    ticks.mkdir()
+    dead = {**this_process(), "pid": 2 ** 22 + 11}  # this host, this boot: a pid that no longer runs
+    (ticks / "20260101T000100Z.json").write_text(json.dumps(
+        {"tick": "20260101T000100Z", "decision": "starting", "by_process": dead}))
+    alive = {**this_process()}  # a scheduler still starting its run (this very process): left alone
+    (ticks / "20251231T235900Z.json").write_text(json.dumps(
+        {"tick": "20251231T235900Z", "decision": "starting", "by_process": alive}))
+    assert decide.step() is None  # 00:01 is decided already, but now as failed
+    records = {r["tick"]: r for r in decide.records()}
+    assert records["20260101T000100Z"]["decision"] == "failed"
+    assert records["20260101T000100Z"]["reason"] == "scheduler stopped before the run started"
+    assert records["20251231T235900Z"]["decision"] == "starting"
+    clock.now += 60
+    assert decide.step()["decision"] == "started"  # the next tick runs
+
+
+def test_a_host_whose_clock_ran_a_day_ahead_never_holds_ticks_back(tmp_path):
+    ahead = Scheduler("* * * * *", str(tmp_path), "retrain", ["--registry", "r"], FakeRunner(),
+                      clock=Clock(T0 + 86400), log=lambda _: None)  # wrote schedule.json with its clock
+    assert ahead.since == T0 + 86400
+    runner, clock = FakeRunner(), Clock(T0)
+    right = Scheduler("* * * * *", str(tmp_path), "retrain", ["--registry", "r"], runner, clock=clock,
+                      log=lambda _: None)
+    clock.now += 40
+    assert right.step()["decision"] == "started"  # the first tick after it looked, not a day later

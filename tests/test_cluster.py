@@ -1,5 +1,7 @@
-"""cluster/ checked offline: the launcher config against Ray's own schema, the KubeRay manifests and the Dockerfile
-structurally (the KubeRay CRD schemas are not reachable from here), the job entrypoints they name parse."""
+"""cluster/ checked offline: the launcher config against Ray's own schema; every Kubernetes document strictly (an
+unknown field is an error, as with `kubectl apply --validate=strict`): KubeRay's kinds against the CRDs of a pinned
+KubeRay commit kept in tests/kuberay_crds/, Kubernetes' own kinds against kubernetes-validate's schemas; the
+Dockerfile structurally; the job entrypoints they name parse."""
 
 import re
 import shlex
@@ -103,7 +105,7 @@ def test_schedule_definitions_run_the_same_retrain_on_the_same_cron():
     (cluster,) = load("kuberay/raycluster.yaml")
     assert (cron_job["apiVersion"], cron_job["kind"]) == ("ray.io/v1", "RayCronJob")
     spec = cron_job["spec"]
-    assert spec["concurrencyPolicy"] == "Forbid" and spec["jobTemplate"]["rayClusterSpec"] == cluster["spec"]
+    assert "concurrencyPolicy" not in spec and spec["jobTemplate"]["rayClusterSpec"] == cluster["spec"]
     assert standalone["spec"] == spec["jobTemplate"]  # the CronJob's RayJob is the RayCronJob's template
     assert k8s["CronJob"]["spec"]["schedule"] == spec["schedule"] and croniter.is_valid(spec["schedule"])
     assert k8s["CronJob"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]["serviceAccountName"] == \
@@ -120,3 +122,84 @@ def test_schedule_definitions_run_the_same_retrain_on_the_same_cron():
     assert " ".join(fields[:5]) == spec["schedule"]
     submitted = shlex.split(line.split("captioning jobs submit retrain", 1)[1].split(">>")[0])
     check_args("retrain", submitted[submitted.index("--") + 1:])
+
+
+CRDS = Path(__file__).resolve().parent / "kuberay_crds"
+KUBERNETES = "1.34.0"  # the Kubernetes release whose schemas the native kinds are checked against
+
+
+def strict(schema):
+    """A CRD's OpenAPI schema with unknown fields refused wherever it names its fields (as the API server's strict
+    field validation does), except where the CRD keeps unknown fields on purpose."""
+    if isinstance(schema, list):
+        return [strict(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: strict(value) for key, value in schema.items()}
+    if "properties" in out and "additionalProperties" not in out and \
+            not out.get("x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False
+    return out
+
+
+def crd_schemas() -> dict:
+    found = {}
+    for path in sorted(CRDS.glob("ray.io_*.yaml")):
+        crd = yaml.safe_load(path.read_text())
+        for version in crd["spec"]["versions"]:
+            key = (f"{crd['spec']['group']}/{version['name']}", crd["spec"]["names"]["kind"])
+            found[key] = strict(version["schema"]["openAPIV3Schema"])
+    return found
+
+
+def problems(document: dict, schemas: dict) -> list[str]:
+    """Why a Kubernetes document is not valid, strictly; [] when it is."""
+    import jsonschema
+    import kubernetes_validate
+
+    key = (document.get("apiVersion"), document.get("kind"))
+    if key in schemas:
+        errors = jsonschema.Draft7Validator(schemas[key]).iter_errors(document)
+        return [f"{'.'.join(map(str, e.absolute_path)) or 'top'}: {e.message}" for e in errors]
+    try:
+        kubernetes_validate.validate(document, KUBERNETES, strict=True)
+    except kubernetes_validate.ValidationError as err:
+        return [f"{'.'.join(map(str, err.path)) or 'top'}: {err.message}"]
+    return []
+
+
+def kubernetes_documents() -> list[tuple[str, dict]]:
+    docs = []
+    for path in sorted(CLUSTER.rglob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and "kind" in doc:
+                docs.append((f"{path.relative_to(CLUSTER)}:{doc['kind']}", doc))
+    return docs
+
+
+def test_every_kubernetes_document_in_cluster_is_valid_strictly():
+    schemas = crd_schemas()
+    assert {("ray.io/v1", kind) for kind in ("RayCluster", "RayJob", "RayCronJob")} <= set(schemas)
+    documents = kubernetes_documents()
+    kinds = {doc["kind"] for _, doc in documents}
+    assert {"RayCluster", "RayJob", "RayCronJob", "CronJob", "Secret", "Role"} <= kinds
+    for name, doc in documents:
+        assert problems(doc, schemas) == [], name
+
+
+def test_strict_validation_refuses_an_unknown_field_in_every_kind():
+    import copy
+
+    schemas = crd_schemas()
+    for name, doc in kubernetes_documents():
+        spoiled = copy.deepcopy(doc)
+        (spoiled.get("spec") or spoiled.setdefault("metadata", {}))["notAField"] = "x"
+        assert any("notAField" in p for p in problems(spoiled, schemas)), name
+    (cron,) = [doc for name, doc in kubernetes_documents() if doc["kind"] == "RayCronJob"]
+    forbidding = {**cron, "spec": {**cron["spec"], "concurrencyPolicy": "Forbid"}}
+    assert any("concurrencyPolicy" in p for p in problems(forbidding, schemas))  # RayCronJob has no such policy
+
+
+def test_the_crds_name_their_source_and_license():
+    notice = (CRDS / "NOTICE").read_text()
+    assert "ray-project/kuberay" in notice and "feeaf72fa" in notice and "Apache License" in notice

@@ -165,3 +165,34 @@ def test_the_html_report_shows_lineage_scores_curves_and_a_gallery_whose_images_
     assert "&lt;better&gt; &amp; kept" in page and "<better>" not in page  # data is escaped
     assert 'class="better">0.3100' in page and 'class="worse">0.9000' in page  # against the parent
     assert "day2.jsonl" in page and page.count("<td>v000") == 2  # lineage: this version and its parent
+
+
+def test_the_report_page_loads_in_a_real_browser_with_every_image_and_no_console_error(
+        trained_bundle, synthetic_data, tmp_path):
+    from tests.browser import chromium_path, open_page
+
+    chromium, why = chromium_path()
+    if chromium is None:
+        pytest.skip(f"no headless browser: {why}")
+    registry = Registry(str(tmp_path / "reg"))
+    first = add_bundle(registry, str(trained_bundle), {"decision": "promoted: first version"})
+    registry.promote(first, "first")
+    second = add_bundle(registry, str(trained_bundle), {
+        "decision": "promoted: bleu4 0.3100 vs 0.3000", "manifests": [{"uri": "s3://b/incoming/day2.jsonl"}],
+        "holdout": {"manifest": str(synthetic_data["test"]), "scores": {"bleu4": 0.31, "cider": 0.9},
+                    "parent_scores": {"bleu4": 0.30, "cider": 1.0}}})
+    page = main_report(registry, second, tmp_path / "page")
+    shot = tmp_path / "report.png"
+    seen = open_page(chromium, page.as_uri(), shot)
+    assert seen.title.startswith(second) and seen.errors == [], seen.errors
+    assert len(seen.images) == 1 + 4 and all(w > 0 and h > 0 for _, w, h in seen.images), seen.images
+    assert shot.read_bytes()[:4] == b"\x89PNG" and shot.stat().st_size > 10_000
+    (page.parent / "index.html").write_text(page.read_text().replace("curves.png", "missing.png"))
+    broken = open_page(chromium, page.as_uri(), tmp_path / "broken.png")  # the check can fail: a missing picture
+    assert any(w == 0 for _, w, _ in broken.images) and any("missing.png" in e for e in broken.errors)
+
+
+def main_report(registry: Registry, version: str, folder: Path) -> Path:
+    code = main(["models", "show", version, "--registry", registry.uri, "--html", str(folder), "--gallery", "4"])
+    assert code == 0
+    return folder / "index.html"

@@ -424,9 +424,24 @@ def write_shard(item: dict[str, Any], config: BulkConfig) -> dict[str, Any]:
               "attempt": attempt, "committed": time.time(),
               "images": sum(r["caption"] is not None for r in fresh),  # captioned in this attempt
               "timing": merge(*json.loads(item["timing"]), ["write", clock.finish()])}
-    storage.write_bytes(uri(config.output, "_committed", f"{name}.json"), json.dumps(marker).encode())
+    commit_marker(storage, uri(config.output, "_committed", f"{name}.json"), marker, attempt)
     return {"shard": shard, "rows": len(rows), "ok": statuses.count("ok"), "failed": len(rows) - statuses.count("ok"),
             "fresh": len(fresh)}
+
+
+def commit_marker(storage: Storage, where: str, marker: dict[str, Any], attempt: int = 0) -> bool:
+    """Commit a shard: its marker by conditional create (attempt 0), or by conditional replace of the previous
+    attempt's marker (--retry-failed). False when another task committed this attempt first (a duplicate that
+    Ray retried): that commit stands."""
+    body = json.dumps(marker).encode()
+    if attempt == 0:
+        return storage.create(where, body) is not None
+    current = storage.read_tagged(where)
+    if current is None:
+        return storage.create(where, body) is not None
+    if json.loads(current[0]).get("attempt", 0) >= attempt:
+        return False
+    return storage.replace_if(where, body, current[1]) is not None
 
 
 def check_ranges(config: ShardedJob, markers: list[dict], total_rows: int, shards_total: int) -> None:

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from captioning import console
-from captioning.bulk import check_ranges, fetch_shard, plan_shards, shard_images, shard_name, uri
+from captioning.bulk import check_ranges, commit_marker, fetch_shard, plan_shards, shard_images, shard_name, uri
 from captioning.config import BULK_IMAGE, FetchConfig, ImageConfig, StorageConfig
 from captioning.errors import CaptioningError
 from captioning.manifest import ManifestSpec
@@ -172,7 +172,7 @@ def write_feature_shard(item: dict[str, Any], config: FeaturesConfig) -> dict[st
     marker = {"shard": shard, "rows": len(records), "images": offset, "pairs": pairs, "statuses": statuses,
               "first_row": first, "last_row": last, "committed": time.time(),
               "timing": merge(*json.loads(item["timing"]), ["write", clock.finish()])}
-    storage.write_bytes(uri(config.output, "_committed", f"{name}.json"), json.dumps(marker).encode())
+    commit_marker(storage, uri(config.output, "_committed", f"{name}.json"), marker)
     return {"shard": shard, "rows": len(records), "ok": offset, "failed": len(records) - offset, "pairs": pairs}
 
 

@@ -22,7 +22,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "type": "object", "required": ["version"],
         "properties": {
             "version": _VERSION, "parent": _OPTIONAL_VERSION, "created": _TEXT, "by": _TEXT,
-            "decision": _TEXT, "promoted": {"type": "boolean"}, "failed": {"type": "boolean"}, "train_rows": {"type": "integer", "minimum": 0},
+            "decision": _TEXT, "promoted": {"type": "boolean"}, "failed": {"type": "boolean"},
+            "train_rows": {"type": "integer", "minimum": 0},
             "manifests": {"type": "array", "items": {"type": "object", "required": ["uri"],
                                                      "properties": {"uri": _TEXT}}},
             "holdout": {"type": "object", "properties": {"manifest": _TEXT, "scores": _SCORES,

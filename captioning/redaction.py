@@ -18,7 +18,7 @@ CREDENTIAL_PARAMETERS = frozenset({"x-amz-signature", "x-amz-credential", "x-amz
                                    "x-goog-signature", "x-goog-credential", "signature", "sig", "token",
                                    "access_token", "awsaccesskeyid"})
 _USERINFO = re.compile(r"(?<=//)[^/?#\s]*@")  # up to the last @ of the authority: `u:p@ss@host` loses `u:p@ss@`
-_URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+_URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]*[^\s'\"<>),.;:!?]")  # not a trailing ')' or '.'
 
 
 def redact(url: str) -> str:

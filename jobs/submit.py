@@ -290,6 +290,9 @@ class Cluster:
         except RuntimeError as err:
             text = redact(str(err)).strip().splitlines()
             message = text[-1] if text else type(err).__name__
+            if "Jobs API is not supported" in message:
+                raise CaptioningError(where, "is not a Ray dashboard: its job API answered 404; give the dashboard's "
+                                      "address, http://HEAD:8265", "unreachable") from None
             if "does not exist" in message or "404" in message:
                 raise CaptioningError(where, f"no such job: {message[:300]}", "not_found") from None
             raise CaptioningError(where, message[:500]) from None

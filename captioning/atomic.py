@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Iterator
 
 TEMP_PREFIX = ".tmp-"  # listings skip these: a write in flight, or one a killed process left behind
+LOCK_PREFIX = ".lock-"  # and these: the lock files of local read-compare-write sequences
 
 
 def temporary_name(path: Path) -> Path:

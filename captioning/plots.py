@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import BinaryIO, Sequence
 
 import matplotlib
 
@@ -30,12 +30,12 @@ def plot_history(history: Sequence[dict[str, float]], path: str | Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    with atomic_path(path) as tmp:  # a link at the target is replaced, never written through
-        fig.savefig(tmp, dpi=100, format="png")
+    _save(fig, path, dpi=100)
     plt.close(fig)
 
 
-def plot_attention(image: np.ndarray, words: Sequence[str], maps: np.ndarray, path: str | Path, title: str = "") -> None:
+def plot_attention(image: np.ndarray, words: Sequence[str], maps: np.ndarray, path: str | Path | BinaryIO,
+                   title: str = "") -> None:
     """One panel per word: the image with that word's 7x7 attention map stretched over it."""
     if len(words) != len(maps):
         raise ValueError(f"{len(words)} words but {len(maps)} attention maps")
@@ -58,6 +58,15 @@ def plot_attention(image: np.ndarray, words: Sequence[str], maps: np.ndarray, pa
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
+    _save(fig, path, dpi=80)
     plt.close(fig)
+
+
+def _save(fig, path: str | Path | BinaryIO, dpi: int) -> None:  # noqa: ANN001  (a matplotlib Figure)
+    """A PNG to a file (through the atomic helper: a link at the target is replaced, never written through) or to a
+    binary buffer as it is."""
+    if isinstance(path, (str, Path)):
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
+    else:
+        fig.savefig(path, dpi=dpi, format="png")

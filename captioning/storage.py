@@ -11,12 +11,13 @@ import shutil
 import stat
 import time
 from contextlib import contextmanager
+from datetime import timezone
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 from urllib.parse import urlsplit
 
-from captioning.atomic import TEMP_PREFIX, atomic_path, atomic_write, fsync_folder, temporary_name
+from captioning.atomic import LOCK_PREFIX, TEMP_PREFIX, atomic_path, atomic_write, fsync_folder, temporary_name
 from captioning.config import StorageConfig
 from captioning.errors import CaptioningError
 
@@ -404,7 +405,8 @@ class Storage:
         if not is_s3(prefix):
             root = local_path(prefix)
             # A temp file is a write in flight (or one a killed process left): never part of the listing.
-            return sorted(str(p) for p in root.rglob("*") if p.is_file() and not p.name.startswith(TEMP_PREFIX)) \
+            return sorted(str(p) for p in root.rglob("*")
+                          if p.is_file() and not p.name.startswith((TEMP_PREFIX, LOCK_PREFIX))) \
                 if root.is_dir() else []
         bucket, key = split_s3(prefix)
 
@@ -513,12 +515,18 @@ def _server_age(response: dict) -> float:
     """An S3 answer's age of its object: the server's Date header less LastModified (one clock, the server's)."""
     from email.utils import parsedate_to_datetime  # noqa: PLC0415
 
-    modified = response["LastModified"]
+    modified = response.get("LastModified")
+    if modified is None:  # an S3 that does not say: taken as just written (a lease then stays live: fail closed)
+        return 0.0
     date = (response.get("ResponseMetadata", {}).get("HTTPHeaders", {}) or {}).get("date")
     try:
         served = parsedate_to_datetime(date) if date else None
     except (TypeError, ValueError):
         served = None
+    if modified.tzinfo is None:
+        modified = modified.replace(tzinfo=timezone.utc)
+    if served is not None and served.tzinfo is None:  # "-0000": UTC, said without an offset
+        served = served.replace(tzinfo=timezone.utc)
     if served is None:  # no Date header: this host's clock is all there is
         return max(0.0, time.time() - modified.timestamp())
     return max(0.0, (served - modified).total_seconds())
@@ -556,7 +564,7 @@ def _read_local(uri: str, max_bytes: int | None) -> bytes:
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """An exclusive lock beside path for read-compare-write sequences on local files."""
-    guard = path.with_name(f".{path.name}.guard")
+    guard = path.with_name(f"{LOCK_PREFIX}{path.name}")
     guard.parent.mkdir(parents=True, exist_ok=True)
     with open(guard, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)

@@ -134,3 +134,24 @@ def test_control_characters_from_storage_are_escaped_when_printed(tmp_path, caps
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\x07" not in out and "\\x1b]0;owned\\x07" in out
     shutil.rmtree(reg)
+
+
+def test_an_error_line_never_shows_a_urls_password_or_signature(tmp_path, capsys):
+    manifest = "https://user:pw-s3cr3t@127.0.0.1:1/m.csv?X-Amz-Signature=sig-s3cr3t"
+    code = main(["batch", "--manifest", manifest, "--model", str(tmp_path / "model"), "--output",
+                 str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and "s3cr3t" not in err and "127.0.0.1:1/m.csv" in errors[0], err
+
+
+def test_the_report_replaces_a_link_at_its_target_instead_of_writing_through_it(tmp_path, capsys):
+    reg = registry_at(tmp_path)
+    page = tmp_path / "page"
+    page.mkdir()
+    outside = tmp_path / "precious.txt"
+    outside.write_text("keep me")
+    (page / "index.html").symlink_to(outside)
+    assert main(["models", "show", "v0001", "--registry", str(reg), "--html", str(page), "--gallery", "0"]) == 0
+    assert outside.read_text() == "keep me"
+    assert not (page / "index.html").is_symlink() and "<h1>v0001</h1>" in (page / "index.html").read_text()

@@ -182,15 +182,16 @@ def test_retry_after_a_crash_before_the_marker_keeps_every_rows_own_map(images, 
             if not crash_before_marker:
                 write_shard(item, config)
                 return
-            real_write = Storage.write_bytes
+            def crashing(real):
+                def crash(self, target, *args):
+                    if "/_committed/" in target:
+                        raise OSError("killed between the Parquet write and the marker")
+                    return real(self, target, *args)
+                return crash
 
-            def crash(self, target, data, content_type=None):
-                if "/_committed/" in target:
-                    raise OSError("killed between the Parquet write and the marker")
-                return real_write(self, target, data, content_type)
-
-            with monkeypatch.context() as patch:
-                patch.setattr(Storage, "write_bytes", crash)
+            with monkeypatch.context() as patch:  # the marker is a conditional create or replace
+                for name in ("write_bytes", "create", "replace_if"):
+                    patch.setattr(Storage, name, crashing(getattr(Storage, name)))
                 with pytest.raises(OSError):
                     write_shard(item, config)
 

@@ -196,3 +196,20 @@ def main_report(registry: Registry, version: str, folder: Path) -> Path:
     code = main(["models", "show", version, "--registry", registry.uri, "--html", str(folder), "--gallery", "4"])
     assert code == 0
     return folder / "index.html"
+
+
+def test_a_move_whose_event_was_lost_in_a_crash_is_recovered_and_previous_is_the_pointer_replaced(tmp_path):
+    registry = Registry(str(tmp_path / "reg"))
+    first = add_bundle(registry, str(fake_bundle(tmp_path / "a", "a")), {}, verify=no_check)
+    second = add_bundle(registry, str(fake_bundle(tmp_path / "b", "b")), {}, verify=no_check)
+    assert registry.move(first, None, "first", "promote", verify=no_check)
+    pointer, tag = registry.current()
+    assert registry.move(second, tag, "second", "promote", verify=no_check)
+    (tmp_path / "reg" / "history" / "000002.json").unlink()  # the run crashed between its move and its event
+    pointer, tag = registry.current()
+    assert registry.move(first, tag, "back", "promote", verify=no_check)
+    events = [(e["version"], e.get("previous"), bool(e.get("recovered"))) for e in registry.history()]
+    assert events == [(first, None, False), (second, first, True), (first, second, False)]
+    # A move with a tag read before someone else moved the pointer changes nothing.
+    assert not registry.move(second, tag, "stale", "promote", verify=no_check)
+    assert len(registry.history()) == 3

@@ -463,7 +463,7 @@ class _S3Errors:
         from boto3.exceptions import S3UploadFailedError  # noqa: PLC0415
 
         from botocore.exceptions import (ConnectionError as BotoConnectionError,  # noqa: PLC0415
-                                         IncompleteReadError, ResponseStreamingError)
+                                         HTTPClientError, IncompleteReadError, ResponseStreamingError)
         from urllib3.exceptions import HTTPError as Urllib3Error  # noqa: PLC0415
 
         if err is None:
@@ -475,9 +475,10 @@ class _S3Errors:
             cause = err.__cause__ or err.__context__
             reason = _client_code(cause) if isinstance(cause, ClientError) else "upload_failed"
             raise StorageError(self.uri, f"upload failed: {str(err).split(': ', 1)[-1]}", reason) from None
-        if isinstance(err, (BotoConnectionError, IncompleteReadError, ResponseStreamingError, Urllib3Error,
-                            ConnectionError, TimeoutError)):
-            # Refused, reset, timed out, or cut off mid-body: the network or the server, worth waiting out.
+        if isinstance(err, (BotoConnectionError, HTTPClientError, IncompleteReadError, ResponseStreamingError,
+                            Urllib3Error, ConnectionError, TimeoutError)):
+            # Refused, reset, closed before an answer (ConnectionClosedError is an HTTPClientError), timed out,
+            # or cut off mid-body: the network or the server, worth waiting out.
             raise StorageError(self.uri, f"object storage unreachable: {err}", "unreachable") from None
         if isinstance(err, BotoCoreError):
             raise StorageError(self.uri, f"object storage error: {err}", "storage_error") from None

@@ -281,12 +281,12 @@ class Cluster:
                 reason = ("the cluster rejected the Ray auth token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or "
                           "~/.ray/auth_token): it is not this cluster's token")
             raise CaptioningError(where, reason, "auth") from None
+        except ValueError as err:  # a malformed address (urllib's "Invalid IPv6 URL", requests' InvalidURL)
+            raise CaptioningError(where, f"is not a usable address: {redact(str(err))[:200]}", "bad_address") \
+                from None
         except (ConnectionError, OSError) as err:  # requests' ConnectionError is an OSError, not the built-in one
             raise CaptioningError(where, f"no Ray dashboard answers here ({type(err).__name__})",
                                   "unreachable") from None
-        except ValueError as err:  # a malformed address (urllib: "Invalid IPv6 URL")
-            raise CaptioningError(where, f"is not a usable address: {redact(str(err))[:200]}", "bad_address") \
-                from None
         except RuntimeError as err:
             text = redact(str(err)).strip().splitlines()
             message = text[-1] if text else type(err).__name__

@@ -3,6 +3,7 @@ unknown field is an error, as with `kubectl apply --validate=strict`): KubeRay's
 KubeRay commit kept in tests/kuberay_crds/, Kubernetes' own kinds against kubernetes-validate's schemas; the
 Dockerfile structurally; the job entrypoints they name parse."""
 
+import functools
 import re
 import shlex
 import subprocess
@@ -142,10 +143,11 @@ def strict(schema):
     return out
 
 
+@functools.cache
 def crd_schemas() -> dict:
     found = {}
     for path in sorted(CRDS.glob("ray.io_*.yaml")):
-        crd = yaml.safe_load(path.read_text())
+        crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # 3 MB of YAML
         for version in crd["spec"]["versions"]:
             key = (f"{crd['spec']['group']}/{version['name']}", crd["spec"]["names"]["kind"])
             found[key] = strict(version["schema"]["openAPIV3Schema"])

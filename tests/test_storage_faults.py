@@ -48,10 +48,16 @@ def patient(client, window=5.0):
 
 
 def test_throttling_server_errors_and_lost_connections_are_retried_until_they_pass():
+    from botocore.exceptions import ConnectionClosedError, ReadTimeoutError
+
     client = Flaky([client_error("SlowDown", 503), client_error("InternalError", 500),
-                    EndpointConnectionError(endpoint_url="http://127.0.0.1:1")])
+                    EndpointConnectionError(endpoint_url="http://127.0.0.1:1"),
+                    # A connection closed before any answer (a dropped connection, as the fault proxy makes) and a
+                    # read that timed out: botocore's HTTPClientError kin, not its ConnectionError.
+                    ConnectionClosedError(endpoint_url="http://127.0.0.1:1"),
+                    ReadTimeoutError(endpoint_url="http://127.0.0.1:1")])
     patient(client).write_bytes("s3://b/k", b"data")
-    assert client.calls == 4 and client.stored["k"] == b"data"
+    assert client.calls == 6 and client.stored["k"] == b"data"
 
 
 @pytest.mark.parametrize("code,status", [("AccessDenied", 403), ("InvalidAccessKeyId", 403), ("NoSuchBucket", 404)])

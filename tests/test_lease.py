@@ -155,8 +155,11 @@ def test_a_run_that_loses_its_lease_stops_with_one_line(tmp_path):
             "sys.exit(guarded(work))")
     run = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert run.stdout.readline().strip() == "held"
-    record = json.loads(Path(where).read_text())
-    Path(where).write_text(json.dumps({**record, "id": "taker", "pid": 1}))  # taken over by another run
+    storage = Storage()
+    while True:  # taken over by another run, as a real taker does it: a conditional replace (the holder beats)
+        data, tag = storage.read_tagged(where)
+        if storage.replace_if(where, json.dumps({**json.loads(data), "id": "taker", "pid": 1}).encode(), tag):
+            break
     out, err = run.communicate(timeout=30)
     assert run.returncode == 2, (out, err)
     assert err.strip().splitlines()[-1].startswith(f"error: {where}: another run took over this output's lease")

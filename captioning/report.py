@@ -50,16 +50,16 @@ def _scores_table(scores: dict[str, float] | None, parent: dict[str, float] | No
 
 def write_report(registry: Registry, version: str, out: str | Path, gallery: int = 12) -> Path:
     """Write OUT/index.html (and its pictures) for a version; returns the page's path."""
+    out = Path(out)
+    for folder in (out, out / "gallery"):  # before TensorFlow loads: a wrong FOLDER is refused at once
+        if folder.exists() and not folder.is_dir():
+            raise CaptioningError(str(folder), "is a file, not a folder: choose a folder for the report")
     from captioning.bundle import load_bundle  # noqa: PLC0415  (TensorFlow: only for the gallery)
     from captioning.config import GenerationConfig, ImageConfig  # noqa: PLC0415
     from captioning.inference import caption_sources  # noqa: PLC0415
     from captioning.manifest import read_manifest  # noqa: PLC0415
     from captioning.plots import plot_attention  # noqa: PLC0415
 
-    out = Path(out)
-    for folder in (out, out / "gallery"):
-        if folder.exists() and not folder.is_dir():
-            raise CaptioningError(str(folder), "is a file, not a folder: choose a folder for the report")
     try:
         (out / "gallery").mkdir(parents=True, exist_ok=True)
     except OSError as err:

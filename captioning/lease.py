@@ -2,15 +2,16 @@
 
 Staleness is judged by the lease object's own storage time (S3 LastModified against the answer's Date, a file's
 mtime), never by the clock of the host that wrote it; a holder's pid is only looked at when the lease was written
-on this very host, boot and pid namespace. A run that loses its lease stops: the main thread is interrupted and
-the run ends with one LeaseLost line.
+on this very host, boot and pid namespace. A run that loses its lease stops: the heartbeat thread signals the main
+thread (SIGUSR1, handled only while the lease is held; SIGINT may be ignored, as in any job started with `&`),
+whose handler raises LeaseLost wherever the run is, and the run ends with that one line.
 """
 
 from __future__ import annotations
 
-import _thread
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -24,6 +25,7 @@ from captioning.storage import Storage, StorageError
 
 
 _HELD: set[str] = set()  # ids of the leases this process holds now
+LOST_SIGNAL = signal.SIGUSR1
 
 
 class LeaseHeld(CaptioningError):
@@ -79,8 +81,9 @@ class Lease:
         self.id = uuid.uuid4().hex
         self.started = time.time()
         self.lost = False
-        self._owner = threading.get_ident()
         self._interrupted = False
+        self._armed = False  # our LOST_SIGNAL handler is installed (a `with` in the main thread)
+        self._previous_handler: object = None
         self._tag: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -139,9 +142,10 @@ class Lease:
         if tag is None:
             self.lost = True
             self.log(f"warning: lost the lease on {self.uri}: another run took it over; this run stops writing")
-            if self._owner == threading.main_thread().ident and not self._stop.is_set():
+            if self._armed and not self._stop.is_set():
                 self._interrupted = True
-                _thread.interrupt_main()  # wherever the run is, it stops; __exit__ turns this into LeaseLost
+                # To the main thread itself, so that a sleep or a blocking call there returns at once.
+                signal.pthread_kill(threading.main_thread().ident, LOST_SIGNAL)
             return False
         self._tag = tag
         return True
@@ -170,18 +174,37 @@ class Lease:
     def check(self) -> None:
         """Raise LeaseLost if another run has taken the lease over: call before each commit."""
         if self.lost:
-            raise LeaseLost(self.uri, "another run took over this output's lease while this run worked; this run "
-                            "stopped writing (its committed work stays; rerun it once the other run ends)")
+            raise self._lost_error()
+
+    def _lost_error(self) -> LeaseLost:
+        return LeaseLost(self.uri, "another run took over this output's lease while this run worked; this run "
+                         "stopped writing (its committed work stays; rerun it once the other run ends)")
+
+    def _on_lost(self, signum: int, frame: object) -> None:
+        raise self._lost_error()
 
     def __enter__(self) -> "Lease":
-        self._owner = threading.get_ident()
-        return self.acquire()
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(LOST_SIGNAL, self._on_lost)
+            self._armed = True
+        try:
+            return self.acquire()
+        except BaseException:
+            self._disarm()
+            raise
+
+    def _disarm(self) -> None:
+        if self._armed:
+            signal.signal(LOST_SIGNAL, self._previous_handler or signal.SIG_DFL)
+            self._armed = False
 
     def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: object) -> None:
-        self.release()
+        try:
+            self.release()  # joins the heartbeat: no signal is sent after this
+        finally:
+            self._disarm()
         if self.lost and (kind is None or self._interrupted or isinstance(err, LeaseLost)):
-            raise LeaseLost(self.uri, "another run took over this output's lease while this run worked; this run "
-                            "stopped writing (its committed work stays; rerun it once the other run ends)") from None
+            raise self._lost_error() from None
 
 
 def live_holder(storage: Storage, uri: str, stale_after: float = 120.0) -> dict | None:

@@ -1,6 +1,7 @@
 """One run per output: the lease on local disk and on the real S3 server (conditional writes)."""
 
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -153,7 +154,9 @@ def test_a_run_that_loses_its_lease_stops_with_one_line(tmp_path):
             "time.sleep(0.1)\n"
             "    return 0\n"
             "sys.exit(guarded(work))")
-    run = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Started as a job started with `&` is: SIGINT ignored (so no KeyboardInterrupt can stop it).
+    run = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     assert run.stdout.readline().strip() == "held"
     storage = Storage()
     while True:  # taken over by another run, as a real taker does it: a conditional replace (the holder beats)

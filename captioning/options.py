@@ -78,15 +78,20 @@ def positive(text: str) -> int:
     return int(text)
 
 
-def seconds(text: str) -> float:
-    """argparse type: a finite number above zero (seconds, rates)."""
+def _number(text: str, fits: Callable[[float], bool], expected: str) -> float:
+    """A finite float that fits, else argparse's error saying what was expected."""
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}")
+    if not math.isfinite(value) or not fits(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
+
+
+def seconds(text: str) -> float:
+    """argparse type: a finite number above zero (seconds, rates)."""
+    return _number(text, lambda v: v > 0, "a number above 0")
 
 
 def non_negative_int(text: str) -> int:
@@ -98,35 +103,17 @@ def non_negative_int(text: str) -> int:
 
 def drop(text: str) -> float:
     """argparse type: a relative drop, a number in [0, 1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
-    return value
+    return _number(text, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
 def share(text: str) -> float:
     """argparse type: a share, a number in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    return value
+    return _number(text, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
 def non_negative(text: str) -> float:
     """argparse type: a finite number of at least 0 (CPU and GPU shares)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number of at least 0, got {text!r}")
-    return value
+    return _number(text, lambda v: v >= 0, "a number of at least 0")
 
 
 # Shared option groups ---------------------------------------------------------------------------------------

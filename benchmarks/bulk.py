@@ -39,9 +39,9 @@ from captioning.datasets import synthetic  # noqa: E402
 from captioning.fetch import Fetcher  # noqa: E402
 from captioning.images import decode_image  # noqa: E402
 from captioning.manifest import ManifestSpec, read_manifest  # noqa: E402
-from captioning.seaweed import SeaweedServer  # noqa: E402
+from ops.seaweed import SeaweedServer  # noqa: E402
 from captioning.storage import Storage  # noqa: E402
-from jobs.demo import DEMO_CONFIG  # noqa: E402
+from ops.demo import DEMO_CONFIG  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

@@ -28,7 +28,7 @@ import tensorflow as tf  # noqa: E402
 from captioning.bundle import Bundle, load_bundle  # noqa: E402
 from captioning.config import ImageConfig  # noqa: E402
 from captioning.datasets import synthetic  # noqa: E402
-from jobs.demo import DEMO_CONFIG  # noqa: E402
+from ops.demo import DEMO_CONFIG  # noqa: E402
 from captioning.generate import GenerationConfig, Generator  # noqa: E402
 from captioning.images import load_image  # noqa: E402
 from captioning.manifest import read_manifest  # noqa: E402

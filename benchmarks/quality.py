@@ -26,11 +26,9 @@ from captioning.bundle import load_bundle  # noqa: E402
 from captioning.config import ModelConfig, TrainConfig  # noqa: E402
 from captioning.datasets import synthetic  # noqa: E402
 from captioning.evaluate import corpus_scores, evaluate, format_scores  # noqa: E402
-from captioning.features import FeatureCache  # noqa: E402
 from captioning.manifest import read_manifest  # noqa: E402
 from captioning.text import clean_text  # noqa: E402
 from captioning.train import train  # noqa: E402
-from captioning.training.data import feature_key  # noqa: E402
 
 
 def main() -> int:
@@ -66,10 +64,8 @@ def main() -> int:
     baseline_common = corpus_scores(refs, {i: most_common for i in refs})
 
     # Baseline 2: nearest training image by feature distance (the features the captioner itself sees).
-    cache = FeatureCache(config.cache_dir, bundle.backbone)
-    cache.fill([(feature_key(ex.image), ex.image) for ex in test.examples], _loader(), progress=False)
-    train_feats = _unit(np.stack([cache.get(feature_key(ex.image)).ravel() for ex in train_manifest.examples]))
-    test_feats = _unit(np.stack([cache.get(feature_key(ex.image)).ravel() for ex in test.examples]))
+    train_feats = _unit(_features(bundle.backbone, [ex.image for ex in train_manifest.examples]))
+    test_feats = _unit(_features(bundle.backbone, [ex.image for ex in test.examples]))
     nearest = (test_feats @ train_feats.T).argmax(axis=1)
     baseline_nn = corpus_scores(
         refs, {ex.id: train_manifest.examples[j].captions[0] for ex, j in zip(test.examples, nearest)})
@@ -95,11 +91,16 @@ def main() -> int:
     return 0 if beats else 1
 
 
-def _loader():
+def _features(backbone, images: list[str], batch: int = 64) -> np.ndarray:
+    """Flattened backbone features (N, 49*C) of image files, a batch at a time."""
     from captioning.config import ImageConfig  # noqa: PLC0415
     from captioning.images import load_image  # noqa: PLC0415
 
-    return lambda source: load_image(source, ImageConfig())
+    out = []
+    for start in range(0, len(images), batch):
+        pixels = np.stack([load_image(path, ImageConfig()) for path in images[start : start + batch]])
+        out.append(backbone(pixels).numpy().reshape(len(pixels), -1))
+    return np.concatenate(out)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

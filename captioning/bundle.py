@@ -98,9 +98,7 @@ def save_bundle(path: str | Path, model: Captioner, backbone: Backbone, metrics:
         "version": version,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": model.config.to_dict(),
-        "backbone": {"name": backbone.name, "weights_source": backbone.weights_source,
-                     "seed": getattr(backbone, "seed", None), "fingerprint": backbone.fingerprint(),
-                     "channels": backbone.channels},
+        "backbone": {key: value for key, value in backbone.describe().items() if key != "image_size"},
         "metrics": metrics or {},
     }
     atomic_write(path / MANIFEST, json.dumps(manifest, indent=2).encode())
@@ -137,9 +135,8 @@ def load_bundle(path: str | Path, precision: str = "float32", storage: Storage |
         raise BundleError(str(path / VOCABULARY), "missing") from None
     except (ValueError, KeyError, TypeError) as err:
         raise BundleError(str(path / VOCABULARY), f"corrupt vocabulary: {err}") from None
-    backbone = Backbone(backbone_info["name"], weights=_weights_file(path / BACKBONE))
-    if backbone.fingerprint() != backbone_info.get("fingerprint"):
-        raise BundleError(str(path / BACKBONE), "backbone weights do not match the bundle's fingerprint")
+    weights = _weights_file(path / BACKBONE)
+    backbone = Backbone.from_record(backbone_info, weights, weights, BundleError, source=weights)
     model = Captioner(config, tokenizer, dtype=resolve_precision(precision))
     model.build_for(backbone.channels)
     try:

@@ -6,6 +6,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+# The frozen backbones (captioning/features.py builds them) and their feature depth C: the names are here so that
+# the command line offers them without importing TensorFlow.
+BACKBONE_CHANNELS = {"mobilenet_v3_small": 576, "mobilenet_v3_large": 960, "efficientnet_b0": 1280}
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -63,8 +67,16 @@ class ImageConfig:
     formats: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")  # Pillow plugins tried (JPEG covers MPO)
 
 
-# Bulk decodes: a lower pixel limit than single images get, since many fetch threads decode at once.
-BULK_IMAGE = ImageConfig(max_pixels=25_000_000, max_decode_bytes=25_000_000 * 8)
+DECODE_BYTES_PER_PIXEL = 8  # decode memory allowed per pixel of a bulk job's pixel limit
+
+
+def bulk_image(max_pixels: int = 25_000_000) -> ImageConfig:
+    """The image rules of bulk decodes: a lower pixel limit than single images get, since many fetch threads
+    decode at once, and the decode memory that limit implies."""
+    return ImageConfig(max_pixels=max_pixels, max_decode_bytes=max_pixels * DECODE_BYTES_PER_PIXEL)
+
+
+BULK_IMAGE = bulk_image()
 
 
 @dataclass(frozen=True)

@@ -1,21 +1,18 @@
-"""Frozen image backbones (MobileNetV3Small by default) and the sharded on-disk feature cache."""
+"""Frozen image backbones (MobileNetV3Small by default) and their identity (describe, from_record)."""
 
 from __future__ import annotations
 
 import hashlib
-import json
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable
 
 import keras
 import numpy as np
 import tensorflow as tf
 from einops import rearrange
 
-from captioning import console
-from captioning.atomic import atomic_path, atomic_write
+from captioning.config import BACKBONE_CHANNELS
 from captioning.errors import CaptioningError
 
 
@@ -27,14 +24,14 @@ class BackboneSpec:
     channels: int
 
 
-BACKBONES: dict[str, BackboneSpec] = {
+_BUILDERS: dict[str, Callable[..., keras.Model]] = {
     # All of these take 0..255 RGB and normalise inside the model.
-    "mobilenet_v3_small": BackboneSpec(
-        lambda **kw: keras.applications.MobileNetV3Small(include_preprocessing=True, **kw), 576),
-    "mobilenet_v3_large": BackboneSpec(
-        lambda **kw: keras.applications.MobileNetV3Large(include_preprocessing=True, **kw), 960),
-    "efficientnet_b0": BackboneSpec(lambda **kw: keras.applications.EfficientNetB0(**kw), 1280),
+    "mobilenet_v3_small": lambda **kw: keras.applications.MobileNetV3Small(include_preprocessing=True, **kw),
+    "mobilenet_v3_large": lambda **kw: keras.applications.MobileNetV3Large(include_preprocessing=True, **kw),
+    "efficientnet_b0": lambda **kw: keras.applications.EfficientNetB0(**kw),
 }
+BACKBONES: dict[str, BackboneSpec] = {name: BackboneSpec(_BUILDERS[name], channels)
+                                      for name, channels in BACKBONE_CHANNELS.items()}
 
 
 class Backbone:
@@ -97,6 +94,23 @@ class Backbone:
         """Write the weights (HDF5, no pickle) so a bundle carries the exact backbone it was trained on."""
         self.model.save_weights(str(path))
 
+    def describe(self) -> dict[str, Any]:
+        """The backbone's identity, as bundles and feature sets record it beside its weights file."""
+        return {"name": self.name, "weights_source": self.weights_source, "seed": self.seed,
+                "fingerprint": self.fingerprint(), "channels": self.channels, "image_size": self.image_size}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], weights_file: str | Path, where: str,
+                    error: type[CaptioningError] = CaptioningError, source: str | None = None) -> "Backbone":
+        """The recorded backbone from its own weights file, refused (naming `where`) unless the weights are the
+        very ones its fingerprint says. source: the weights source it reports (default: the recorded one)."""
+        backbone = cls(record["name"], weights=str(weights_file), image_size=record.get("image_size", 224))
+        backbone.weights_source = source or record.get("weights_source", str(weights_file))
+        backbone.seed = record.get("seed")
+        if backbone.fingerprint() != record.get("fingerprint"):
+            raise error(where, "backbone weights do not match the recorded fingerprint")
+        return backbone
+
 
 def reinitialise(model: keras.Model, seed: int) -> None:
     """He-normal conv kernels from a seed: Keras' default init makes MobileNetV3 features vanish (~1e-10)."""
@@ -106,88 +120,3 @@ def reinitialise(model: keras.Model, seed: int) -> None:
             kh, kw, cin, _ = layer.kernel.shape
             fan_in = kh * kw * (1 if isinstance(layer, keras.layers.DepthwiseConv2D) else cin)
             layer.kernel.assign(rng.normal(0.0, np.sqrt(2.0 / fan_in), layer.kernel.shape).astype("float32"))
-
-
-class FeatureCache:
-    """Features per image key in .npy shards under <dir>/<backbone>-<fingerprint>/; safe to resume."""
-
-    def __init__(self, root: str | Path, backbone: Backbone, shard_size: int = 1024) -> None:
-        self.backbone = backbone
-        self.dir = Path(root) / f"{backbone.name}-{backbone.fingerprint()}"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.shard_size = shard_size
-        self._index: dict[str, tuple[int, int]] = {}
-        self._shards: dict[int, np.ndarray] = {}
-        for keys_file in sorted(self.dir.glob("shard-*.keys.json")):
-            shard = int(keys_file.name.split("-")[1].split(".")[0])
-            for row, key in enumerate(json.loads(keys_file.read_text())):
-                self._index[key] = (shard, row)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._index
-
-    def __len__(self) -> int:
-        return len(self._index)
-
-    def get(self, key: str) -> np.ndarray:
-        """Features (49, C) float16 for one image key."""
-        shard, row = self._index[key]
-        if shard not in self._shards:
-            self._shards[shard] = np.load(self.dir / f"shard-{shard:05d}.npy", mmap_mode="r", allow_pickle=False)
-        return self._shards[shard][row]
-
-    def fill(
-        self,
-        items: Sequence[tuple[str, str]],
-        load: Callable[[str], np.ndarray],
-        batch_size: int = 64,
-        workers: int = 4,
-        progress: bool = True,
-    ) -> dict[str, CaptioningError]:
-        """Compute features for (key, source) items not cached yet; returns the errors per key."""
-        todo = list(dict((k, s) for k, s in items if k not in self._index).items())
-        errors: dict[str, CaptioningError] = {}
-        if not todo:
-            return errors
-        next_shard = 1 + max((s for s, _ in self._index.values()), default=-1)
-        keys: list[str] = []
-        feats: list[np.ndarray] = []
-
-        def decode(item: tuple[str, str]) -> tuple[str, np.ndarray | CaptioningError]:
-            try:
-                return item[0], load(item[1])
-            except CaptioningError as err:
-                return item[0], err
-
-        bar = console.progress(len(todo), "backbone features", "images", progress)
-        with ThreadPoolExecutor(workers) as pool:
-            for start in range(0, len(todo), batch_size):
-                batch_keys, images = [], []
-                for key, result in pool.map(decode, todo[start : start + batch_size]):
-                    if isinstance(result, CaptioningError):
-                        errors[key] = result
-                    else:
-                        batch_keys.append(key)
-                        images.append(result)
-                if images:
-                    feats.append(self.backbone(np.stack(images)).numpy().astype(np.float16))
-                    keys.extend(batch_keys)
-                bar.update(len(todo[start : start + batch_size]))
-                if len(keys) >= self.shard_size:
-                    next_shard = self._write(next_shard, keys, feats)
-                    keys, feats = [], []
-        bar.close()
-        if keys:
-            self._write(next_shard, keys, feats)
-        return errors
-
-    def _write(self, shard: int, keys: list[str], feats: list[np.ndarray]) -> int:
-        array = np.concatenate(feats)
-        path = self.dir / f"shard-{shard:05d}.npy"
-        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-            np.save(handle, array, allow_pickle=False)
-        # The keys file is the commit marker: a shard without one is ignored and rewritten.
-        atomic_write(self.dir / f"shard-{shard:05d}.keys.json", json.dumps(keys).encode())
-        for row, key in enumerate(keys):
-            self._index[key] = (shard, row)
-        return shard + 1

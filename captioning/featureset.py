@@ -1,8 +1,9 @@
 """Feature sets: a manifest's backbone features in committed shards, and the stream training reads them as.
 
-Written by `captioning features` on Ray Data (jobs/features.py) or in-process by `captioning train`; both use
-the stages below, so both give the same layout under the output URI (local or s3://):
-  _plan.json, _lease.json, _input/shard-NNNNN.jsonl   as in the bulk job (captioning/bulk.py)
+The features plug-in of the sharded-job engine (captioning/shards/): written by `captioning features` on Ray Data
+(jobs/driver.py) or in-process by `captioning train` (the engine's run_here); both give the same layout under the
+output URI (local or s3://):
+  _plan.json, _lease.json, _input/shard-NNNNN.jsonl   as in every sharded job (captioning/shards/layout.py)
   backbone.json                 name, weights source, fingerprint and channels of the backbone
   backbone.weights.h5           its exact weights: every actor, and the trained bundle, use these
   features/shard-NNNNN.npy      float16 (images, 49, C): the shard's loaded images, in row order
@@ -18,19 +19,24 @@ import io
 import json
 import tempfile
 import time
-from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from captioning import console
-from captioning.bulk import check_ranges, commit_marker, fetch_shard, plan_shards, shard_images, shard_name, uri
 from captioning.config import BULK_IMAGE, FetchConfig, ImageConfig, StorageConfig
 from captioning.errors import CaptioningError
+from captioning.lease import STALE_AFTER
 from captioning.manifest import ManifestSpec
-from captioning.stage_timings import StageClock, merge
+from captioning.shards import defaults
+from captioning.shards.layout import COMMITTED, SUCCESS, marker_uri, shard_name, uri
+from captioning.shards.payloads import Committed, FetchedShard, ShardRows, array_to_bytes
+from captioning.shards.plan import read_marker
+from captioning.shards.plugin import Log, Plugin
+from captioning.shards.run import run_here
+from captioning.shards.timings import StageClock, StageRecord, merge
+from captioning.shards.writer import commit_marker
 from captioning.storage import Storage, absolute, is_s3, local_path
 
 BACKBONE_INFO = "backbone.json"
@@ -47,18 +53,18 @@ class FeaturesConfig:
     backbone: str = "mobilenet_v3_small"
     weights: str = "imagenet"  # "imagenet", "none" (seeded random backbone) or a local weights file
     seed: int = 0
-    shard_size: int = 256
+    shard_size: int = defaults.SHARD_SIZE
     batch_size: int = 64  # images per backbone call
-    actors: int = 1
-    actor_cpus: float = 1.0
-    num_gpus: float = 0.0
-    fetch_threads: int = 32
+    actors: int = defaults.ACTORS
+    actor_cpus: float = defaults.ACTOR_CPUS
+    num_gpus: float = defaults.NUM_GPUS
+    fetch_threads: int = defaults.FETCH_THREADS
     # A features manifest usually lists files beside it: its own kind of location is read by default.
     allow_local_files: bool = False
     allow_s3_sources: bool = False
     retry_failed: bool = False
-    decode_memory: int = 512 * 1024 * 1024
-    lease_stale_after: float = 120.0
+    decode_memory: int = defaults.DECODE_MEMORY
+    lease_stale_after: float = STALE_AFTER
     fetch: FetchConfig = field(default_factory=FetchConfig)
     image: ImageConfig = field(default_factory=lambda: BULK_IMAGE)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -97,8 +103,7 @@ def prepare_backbone(config: FeaturesConfig, storage: Storage, backbone: Any = N
                                   "for another backbone")
         return info
     backbone = backbone or Backbone(config.backbone, config.weights, seed=config.seed, image_size=config.image.size)
-    info = {"name": backbone.name, "weights_source": config.weights, "seed": backbone.seed,
-            "fingerprint": backbone.fingerprint(), "channels": backbone.channels, "image_size": config.image.size}
+    info = {**backbone.describe(), "weights_source": config.weights}
     with tempfile.TemporaryDirectory() as tmp:
         backbone.save(Path(tmp) / BACKBONE_WEIGHTS)
         storage.upload_file(Path(tmp) / BACKBONE_WEIGHTS, uri(config.output, BACKBONE_WEIGHTS))
@@ -112,12 +117,15 @@ def load_backbone(location: str, storage: Storage) -> Any:
     from captioning.features import Backbone  # noqa: PLC0415
 
     info = json.loads(storage.read_bytes(uri(location, BACKBONE_INFO)))
-    backbone = Backbone(info["name"], weights=str(storage.local_file(uri(location, BACKBONE_WEIGHTS))),
-                        image_size=info.get("image_size", 224))
-    backbone.weights_source, backbone.seed = info["weights_source"], info.get("seed")
-    if backbone.fingerprint() != info["fingerprint"]:
-        raise CaptioningError(uri(location, BACKBONE_WEIGHTS), "does not match the fingerprint in backbone.json")
-    return backbone
+    weights = uri(location, BACKBONE_WEIGHTS)
+    return Backbone.from_record(info, storage.local_file(weights), weights)
+
+
+@dataclass
+class Embedded(ShardRows):
+    """A shard after the backbone: float16 (ok rows, 49, C) features in row order."""
+
+    features: np.ndarray
 
 
 class EmbedShard:
@@ -133,85 +141,105 @@ class EmbedShard:
         self.backbone = backbone or load_backbone(config.output, Storage(config.storage))
         self.ready = time.time()
 
-    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, shard: FetchedShard) -> Embedded:
         clock = StageClock()
-        count = int(item["image_count"])
-        images = shard_images(item, self.config.image.size)
+        images = shard.images
         feats = []
         with clock.measure("backbone"):
-            for start in range(0, count, self.config.batch_size):
+            for start in range(0, len(images), self.config.batch_size):
                 feats.append(self.backbone(images[start : start + self.config.batch_size]).numpy().astype(np.float16))
         array = np.concatenate(feats) if feats else np.zeros((0, 49, self.backbone.channels), np.float16)
-        buffer = io.BytesIO()
-        np.save(buffer, array, allow_pickle=False)
-        timing = [*json.loads(item["timing"]), ["embed", clock.finish()],
-                  ["actor_init", {"span": [self.started, self.ready], "seconds": {}}]]
-        return {"shard": item["shard"], "range": item["range"], "rows": item["rows"], "features": buffer.getvalue(),
-                "timing": json.dumps(timing)}
+        return Embedded(**shard.passed_on(clock.finish("embed"), StageRecord("actor_init", self.started, self.ready)),
+                        features=array)
 
 
-def write_feature_shard(item: dict[str, Any], config: FeaturesConfig) -> dict[str, Any]:
-    """Write a shard's features and records, then its commit marker; returns the shard's counts."""
-    clock = StageClock()
-    storage = Storage(config.storage)
-    shard, name = int(item["shard"]), shard_name(int(item["shard"]))
-    records, offset = [], 0
-    for row in json.loads(item["rows"]):
-        ok = row["status"] == "ok"
-        records.append({"row": row["row"], "id": row["id"], "image": row["url"], "captions": row.get("captions", []),
-                        "status": row["status"], "error": row["error"], "offset": offset if ok else None})
-        offset += ok
-    with clock.measure("write"):
-        # Data first, marker last: a crash in between leaves a shard that the next run simply redoes.
-        storage.write_bytes(uri(config.output, "features", f"{name}.npy"), item["features"],
-                            "application/octet-stream")
-        storage.write_bytes(uri(config.output, "features", f"{name}.json"), json.dumps(records).encode())
-    statuses = [r["status"] for r in records]
-    first, last = json.loads(item["range"])
-    pairs = sum(len(r["captions"]) for r in records if r["offset"] is not None)
-    marker = {"shard": shard, "rows": len(records), "images": offset, "pairs": pairs, "statuses": statuses,
-              "first_row": first, "last_row": last, "committed": time.time(),
-              "timing": merge(*json.loads(item["timing"]), ["write", clock.finish()])}
-    commit_marker(storage, uri(config.output, "_committed", f"{name}.json"), marker)
-    return {"shard": shard, "rows": len(records), "ok": offset, "failed": len(records) - offset, "pairs": pairs}
+class FeatureWriter:
+    """The feature-shard writer: features/shard-N.npy and features/shard-N.json, then the commit marker."""
+
+    def __init__(self, config: FeaturesConfig) -> None:
+        self.config = config
+
+    def previous(self, shard: int) -> tuple[int, None] | None:
+        """A committed shard is redone whole (its .npy holds only loaded images): the next attempt, no rows."""
+        storage = Storage(self.config.storage)
+        if not storage.exists(marker_uri(self.config.output, shard)):
+            return None
+        return read_marker(self.config.output, shard, storage).get("attempt", 0) + 1, None
+
+    def write(self, processed: Embedded) -> Committed:
+        """Write a shard's features and records, then its commit marker; returns the shard's counts."""
+        config, clock = self.config, StageClock()
+        storage = Storage(config.storage)
+        name = shard_name(processed.shard)
+        records, offset = [], 0
+        for row in processed.rows:
+            records.append({"row": row.row, "id": row.id, "image": row.url, "captions": row.captions,
+                            "status": row.status, "error": row.error, "offset": offset if row.ok else None})
+            offset += row.ok
+        with clock.measure("write"):
+            # Data first, marker last: a crash in between leaves a shard that the next run simply redoes.
+            storage.write_bytes(uri(config.output, "features", f"{name}.npy"), array_to_bytes(processed.features),
+                                "application/octet-stream")
+            storage.write_bytes(uri(config.output, "features", f"{name}.json"), json.dumps(records).encode())
+        statuses = [r["status"] for r in records]
+        pairs = sum(len(r["captions"]) for r in records if r["offset"] is not None)
+        marker = {"shard": processed.shard, "rows": len(records), "images": offset, "pairs": pairs,
+                  "statuses": statuses, "first_row": processed.first_row, "last_row": processed.last_row,
+                  "attempt": processed.attempt, "committed": time.time(),
+                  "timing": merge([*processed.timing, clock.finish("write")])}
+        commit_marker(storage, marker_uri(config.output, processed.shard), marker, processed.attempt)
+        return Committed(processed.shard, len(records), offset, len(records) - offset, len(records), pairs)
 
 
-def summarise(config: FeaturesConfig, storage: Storage, total_rows: int, started: float) -> dict[str, Any]:
-    """Check every shard is committed with exactly its rows, then write _SUCCESS.json."""
-    shards_total = -(-total_rows // config.shard_size)
-    markers = [json.loads(storage.read_bytes(m)) for m in storage.list(uri(config.output, "_committed"))]
-    check_ranges(config, markers, total_rows, shards_total)
-    statuses = Counter(s for m in markers for s in m["statuses"])
-    summary = {"rows": total_rows, "shards": shards_total, "images": sum(m["images"] for m in markers),
-               "pairs": sum(m["pairs"] for m in markers), "statuses": dict(statuses.most_common()),
-               "wall_seconds": time.time() - started, "manifest": config.manifest,
-               "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    storage.write_bytes(uri(config.output, "_SUCCESS.json"), json.dumps(summary, indent=2).encode())
-    return summary
+class Features(Plugin):
+    """Backbone features of every manifest row into a feature set. backbone: an already-built one to use (default:
+    the configured one, built on the driver and loaded by every actor from the feature set's own weights)."""
+
+    what = "features run"
+    label = "backbone features"
+    stage_name = "EmbedShard"
+    unit = "shards"
+    needs_rows = True
+
+    def __init__(self, backbone: Any = None) -> None:
+        self.backbone = backbone
+
+    def prepare(self, config: FeaturesConfig, storage: Storage) -> str:
+        """The backbone's weights into the output, before the plan: a failed download pins it to nothing."""
+        info = prepare_backbone(config, storage, self.backbone)
+        return f" with {info['name']} ({info['weights_source']})"
+
+    def buffered(self, config: FeaturesConfig) -> int:
+        """Decoded shards waiting per backbone actor."""
+        return 4
+
+    def stage(self, config: FeaturesConfig) -> EmbedShard:
+        """The backbone actor's stage."""
+        return EmbedShard(config, self.backbone)
+
+    def processed(self) -> type[Embedded]:
+        """The backbone stage's payload."""
+        return Embedded
+
+    def writer(self, config: FeaturesConfig) -> FeatureWriter:
+        """Feature shards."""
+        return FeatureWriter(config)
+
+    def extra(self, config: FeaturesConfig, markers: list[dict], seconds: float, processed_rows: int,
+              started: float) -> dict[str, Any]:
+        """Images and caption pairs of the feature set."""
+        return {"images": sum(m["images"] for m in markers), "pairs": sum(m["pairs"] for m in markers)}
+
+    def report(self, summary: dict[str, Any], config: FeaturesConfig, log: Log) -> None:
+        """Rows by status, images and pairs."""
+        log(f"{summary['rows']} rows: " + ", ".join(f"{k} {v}" for k, v in summary["statuses"].items())
+            + f"; {summary['images']} images, {summary['pairs']} caption pairs; output {config.output}")
 
 
 def extract_features(config: FeaturesConfig, log: Callable[[str], None] = print, progress: bool = True,
                      backbone: Any = None) -> dict[str, Any]:
     """The features job in this process, with the same stages and layout as the Ray Data job."""
-
-    from captioning.lease import Lease  # noqa: PLC0415
-
-    config = config.with_absolute_paths()
-    storage = Storage(config.storage)
-    started = time.time()
-    with Lease(storage, uri(config.output, "_lease.json"), stale_after=config.lease_stale_after, log=log,
-               what="features run"):
-        # The backbone first: a missing download fails before a plan pins this output to its weights.
-        prepare_backbone(config, storage, backbone)
-        todo, total_rows = plan_shards(config, storage)
-        if todo:
-            embed = EmbedShard(config, backbone)
-            bar = console.progress(len(todo), "backbone features", "shards", progress, leave=False)
-            for shard in todo:
-                write_feature_shard(embed(fetch_shard({"shard": shard}, config)), config)
-                bar.update(1)
-            bar.close()
-        return summarise(config, storage, total_rows, started)
+    return run_here(Features(backbone), config, log, progress)
 
 
 @dataclass(frozen=True)
@@ -235,9 +263,9 @@ class FeatureSet:
         except CaptioningError:
             raise CaptioningError(location, "not a feature set (no backbone.json); make one with "
                                   "`captioning features`") from None
-        self.shards = [self._info(marker) for marker in self.storage.list(uri(self.location, "_committed"))
+        self.shards = [self._info(marker) for marker in self.storage.list(uri(self.location, COMMITTED))
                        if marker.endswith(".json")]
-        if not self.storage.exists(uri(self.location, "_SUCCESS.json")):
+        if not self.storage.exists(uri(self.location, SUCCESS)):
             raise CaptioningError(location, "feature set is incomplete (no _SUCCESS.json); rerun `captioning "
                                   "features` with the same options to finish it")
 

@@ -26,6 +26,19 @@ from captioning.storage import Storage, StorageError
 
 _HELD: set[str] = set()  # ids of the leases this process holds now
 LOST_SIGNAL = signal.SIGUSR1
+LEASE = "_lease.json"  # the lease object's name inside the folder (output, --out, registry) it guards
+STALE_AFTER = 120.0  # seconds without a heartbeat before another run may take a lease
+
+
+def lease_uri(folder: str) -> str:
+    """Where the lease of an output folder, training --out or registry lives."""
+    return f"{folder.rstrip('/')}/{LEASE}"
+
+
+def leased(storage: Storage, folder: str, what: str, log: Callable[[str], None] = print,
+           stale_after: float = STALE_AFTER) -> "Lease":
+    """The lease of one folder, to hold with `with`: one run writes it at a time."""
+    return Lease(storage, lease_uri(folder), stale_after=stale_after, log=log, what=what)
 
 
 class LeaseHeld(CaptioningError):
@@ -74,7 +87,7 @@ class Lease:
     (with a conditional replace, so two runs cannot both take it).
     """
 
-    def __init__(self, storage: Storage, uri: str, stale_after: float = 120.0, heartbeat: float = 15.0,
+    def __init__(self, storage: Storage, uri: str, stale_after: float = STALE_AFTER, heartbeat: float = 15.0,
                  log: Callable[[str], None] = print, what: str = "run") -> None:
         self.storage, self.uri, self.stale_after, self.heartbeat, self.log = storage, uri, stale_after, heartbeat, log
         self.what = what
@@ -207,7 +220,7 @@ class Lease:
             raise self._lost_error() from None
 
 
-def live_holder(storage: Storage, uri: str, stale_after: float = 120.0) -> dict | None:
+def live_holder(storage: Storage, uri: str, stale_after: float = STALE_AFTER) -> dict | None:
     """Who holds the lease at uri while its heartbeat is fresh and its process alive, else None: how a scheduler
     tells that a run is still writing an output, wherever that run was started."""
     current = storage.read_stamped(uri)

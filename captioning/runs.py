@@ -18,7 +18,6 @@ from captioning.errors import CaptioningError
 from captioning.storage import Storage
 
 RUN_FILE = "run.json"
-LEASE = "_lease.json"  # held by the run writing an --out (captioning.lease): one run per output at a time
 RUN_FORMAT = 1
 
 

@@ -416,10 +416,12 @@ class Storage:
 
         return self._call(prefix, listing)
 
-    def upload_dir(self, folder: str | Path, prefix: str) -> None:
-        """Copy every file below folder to prefix/<relative path>."""
+    def upload_dir(self, folder: str | Path, prefix: str, last: str | None = None) -> None:
+        """Copy every file below folder to prefix/<relative path>; `last` (a relative path) goes after all the
+        others, so that its presence says the copy is complete (a bundle's bundle.json)."""
         folder = Path(folder)
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() != last)
+        for path in files + ([folder / last] if last else []):
             self.upload_file(path, f"{prefix.rstrip('/')}/{path.relative_to(folder).as_posix()}")
 
     def local_dir(self, uri: str, cache: str | Path | None = None) -> Path:

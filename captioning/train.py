@@ -19,16 +19,17 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from captioning.bundle import save_bundle
+from captioning.bundle import MANIFEST, save_bundle
 from captioning.config import TrainConfig
 from captioning.devices import resolve_precision
 from captioning.errors import CaptioningError
 from captioning.featureset import FeaturesConfig, FeatureSet, extract_features, load_backbone
 from captioning.generate import GenerationConfig, Generator
-from captioning.lease import Lease
+from captioning.lease import leased
 from captioning.manifest import Manifest, ManifestSpec, iter_rows
 from captioning.model import BANNED, Captioner, output_bias
-from captioning.runs import LEASE, claim_run, run_settings
+from captioning.runs import claim_run, run_settings
+from captioning.shards import defaults
 from captioning.storage import Storage, cache_dir, is_s3, local_path
 from captioning.text import Tokenizer
 from captioning.training.data import StreamingInput
@@ -73,7 +74,6 @@ class Prepared:
         return {k: v for k, v in self.__dict__.items() if k != "storage"}
 
 
-FEATURE_SHARD_SIZE = 256  # rows per feature shard made from a manifest (about 14 MiB of float16 features)
 SHOWN_FAILURES = 20  # failed rows named one by one in the log; the rest are counted
 
 
@@ -115,10 +115,10 @@ def _make_feature_set(source: str, config: TrainConfig, spec: ManifestSpec, root
 
     backbone = backbone or Backbone(config.model.backbone, config.weights, seed=config.backbone_seed,
                                     image_size=config.image.size)
-    shard_size = FEATURE_SHARD_SIZE
+    shard_size = defaults.SHARD_SIZE  # about 14 MiB of float16 features a shard
     if min_shards > 1:  # every worker needs shards of its own, and a few to shuffle
         rows = sum(1 for _ in iter_rows(source, spec, storage))
-        shard_size = max(1, min(FEATURE_SHARD_SIZE, rows // min_shards))
+        shard_size = max(1, min(defaults.SHARD_SIZE, rows // min_shards))
     described = json.dumps([storage.describe(source), spec.__dict__, shard_size], sort_keys=True)
     folder = "/".join([root.rstrip("/"), f"{backbone.name}-{backbone.fingerprint()}",
                        hashlib.sha256(described.encode()).hexdigest()[:16]])
@@ -144,11 +144,8 @@ class WarmStart:
         from captioning.features import Backbone  # noqa: PLC0415
 
         info = json.loads((self.folder / MANIFEST).read_text())["backbone"]
-        backbone = Backbone(info["name"], weights=str(self.folder / BACKBONE))
-        backbone.seed = info.get("seed")
-        if backbone.fingerprint() != info.get("fingerprint"):
-            raise CaptioningError(self.bundle, "backbone weights do not match the bundle's fingerprint")
-        return backbone
+        weights = str(self.folder / BACKBONE)
+        return Backbone.from_record(info, weights, self.bundle, source=weights)
 
     def tokenizer(self) -> Tokenizer:
         """The parent's vocabulary, unchanged."""
@@ -266,10 +263,7 @@ def bundle_metrics(prepared: Prepared, state: TrainState) -> dict[str, Any]:
 def publish(local: Path, out: str, storage: Storage) -> None:
     """Copy a finished model folder to out: an S3 prefix (bundle.json last, so it marks completeness) or a path."""
     if is_s3(out):
-        files = sorted(p for p in local.rglob("*") if p.is_file() and p.name != "bundle.json")
-        for path in files:
-            storage.upload_file(path, f"{out.rstrip('/')}/{path.relative_to(local).as_posix()}")
-        storage.upload_file(local / "bundle.json", f"{out.rstrip('/')}/bundle.json")
+        storage.upload_dir(local, out, last=MANIFEST)
     elif local.resolve() != local_path(out).resolve():
         shutil.copytree(local, local_path(out), dirs_exist_ok=True)
 
@@ -297,7 +291,7 @@ def train(
     out = str(out)
     storage = Storage(config.storage)
     storage.check_writable(out)
-    with Lease(storage, f"{out.rstrip('/')}/{LEASE}", log=log, what="training run"):  # one run per --out
+    with leased(storage, out, "training run", log):  # one run per --out
         return _train(train_source, val_source, out, config, spec, strategy, progress, log, restart, storage)
 
 

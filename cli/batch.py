@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from captioning.options import batch_options
+from jobs.options import batch_options
 
 
 def register(commands: argparse._SubParsersAction) -> None:

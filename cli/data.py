@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from captioning.options import fetch_config, log, network_options, non_negative_int, positive, result
+from jobs.options import fetch_config, log, network_options, non_negative_int, positive, result
 
 
 def register(commands: argparse._SubParsersAction) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from captioning.options import log
+from jobs.options import log
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -22,7 +22,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     """captioning demo."""
-    from jobs.demo import run_demo  # noqa: PLC0415
+    from ops.demo import run_demo  # noqa: PLC0415
 
     run_demo(Path(args.out), args.train, args.val, args.test, args.epochs, args.seed, log=log)
     return 0

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from captioning.atomic import atomic_write
 from captioning.config import ImageConfig
-from captioning.options import (fetch_config, generation_config, generation_options, log, manifest_options,
+from jobs.options import (fetch_config, generation_config, generation_options, log, manifest_options,
                                 manifest_spec, network_options, storage_config)
-from captioning.options import result as output
+from jobs.options import result as output
 
 
 def register(commands: argparse._SubParsersAction) -> None:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from captioning.options import HelpFormatter, Parser, console_options, guarded
+from jobs.options import HelpFormatter, Parser, console_options, guarded
 from cli import batch, data, demo, inference, models, retrain, schedule, storage, submit, train
 from cli.examples import EXAMPLES
 

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from captioning.errors import CaptioningError
-from captioning.options import non_negative_int, result, storage_config
+from jobs.options import non_negative_int, result, storage_config
 
 
 def register(commands: argparse._SubParsersAction) -> None:

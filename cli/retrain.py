@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from captioning.options import retrain_options
+from jobs.options import retrain_options
 
 
 def register(commands: argparse._SubParsersAction) -> None:

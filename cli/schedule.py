@@ -7,7 +7,8 @@ import signal
 from pathlib import Path
 
 from captioning.errors import CaptioningError
-from captioning.options import log, positive
+from jobs.kinds import JOBS
+from jobs.options import log, positive
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -19,7 +20,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                           "six with seconds last")
     schedule.add_argument("--state", required=True, metavar="URI",
                           help="folder or s3:// prefix for the schedule's decisions (a restart reads them)")
-    schedule.add_argument("--kind", default="retrain", choices=["retrain", "batch", "features", "train"],
+    schedule.add_argument("--kind", default="retrain", choices=list(JOBS),
                           help="which job each tick runs")
     schedule.add_argument("--address", default=None,
                           help="submit each run to this Ray cluster (http://HEAD:8265) instead of running it here")
@@ -32,8 +33,8 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def run_schedule(args: argparse.Namespace) -> int:
     """captioning schedule: until Ctrl+C / SIGTERM (or --max-ticks)."""
-    from jobs.schedule import ClusterRunner, LocalRunner, Scheduler  # noqa: PLC0415
-    from jobs.submit import check_args  # noqa: PLC0415
+    from ops.schedule import ClusterRunner, LocalRunner, Scheduler  # noqa: PLC0415
+    from ops.submit import check_args  # noqa: PLC0415
 
     if args.passed is None:
         raise CaptioningError("schedule", f"put the job's options after `--`: captioning schedule --cron ... "

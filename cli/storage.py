@@ -8,7 +8,7 @@ import signal
 from pathlib import Path
 
 from captioning.errors import CaptioningError
-from captioning.options import log, result
+from jobs.options import log, result
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -25,7 +25,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     """captioning storage serve: SeaweedFS until Ctrl+C or SIGTERM; the secret goes to a 0600 file, not the log."""
     from captioning.atomic import atomic_write  # noqa: PLC0415
-    from captioning.seaweed import PORT_FLAGS, SeaweedServer, free_ports  # noqa: PLC0415
+    from ops.seaweed import PORT_FLAGS, SeaweedServer, free_ports  # noqa: PLC0415
 
     data = Path(args.dir)
     if data.exists() and not data.is_dir():

@@ -1,4 +1,4 @@
-"""`captioning jobs submit|status|logs|stop|list`: the Ray jobs on a cluster, through jobs/submit.py."""
+"""`captioning jobs submit|status|logs|stop|list`: the Ray jobs on a cluster, through ops/submit.py."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import argparse
 import sys
 
 from captioning.errors import CaptioningError
-from captioning.options import log, result, non_negative
+from jobs.kinds import JOBS
+from jobs.options import log, result, non_negative
 
 ADDRESS_HELP = "the cluster's Ray dashboard, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS or RAY_ADDRESS)"
 
@@ -18,10 +19,10 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     submit = actions.add_parser(
         "submit", help="submit a job: captioning jobs submit KIND [options] -- <the local command's options>",
-        usage="captioning jobs submit {batch,features,train,retrain} [options] -- <options of `captioning KIND`>",
+        usage=f"captioning jobs submit {{{','.join(JOBS)}}} [options] -- <options of `captioning KIND`>",
         description="Runs `python -m jobs.KIND <options>` on the cluster: the same code and options as the local "
                     "command. Storage credentials (AWS_*) travel as the job's environment, never in its options.")
-    submit.add_argument("kind", choices=["batch", "features", "train", "retrain"],
+    submit.add_argument("kind", choices=list(JOBS),
                         help="the job: the local command of that name, run on the cluster")
     submit.add_argument("--address", default=None, help=ADDRESS_HELP)
     submit.add_argument("--name", default=None, help="a name to show in `jobs list` (default: the job id)")
@@ -57,19 +58,19 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _records(args: argparse.Namespace):  # noqa: ANN202
-    from jobs.submit import JobRecords  # noqa: PLC0415
+    from ops.submit import JobRecords  # noqa: PLC0415
 
     return JobRecords(args.record) if args.record else None
 
 
 def run_submit(args: argparse.Namespace) -> int:
     """captioning jobs submit: submit, record, and with --wait follow to the end."""
-    from jobs.submit import Cluster, Submission, record_for  # noqa: PLC0415
+    from ops.submit import Cluster, Submission, record_for  # noqa: PLC0415
 
     if args.passed is None:
         raise CaptioningError("jobs submit", f"put the job's options after `--`: captioning jobs submit {args.kind} "
                               f"--address ... -- <options of `captioning {args.kind}`>")
-    from jobs.submit import check_args, check_secrets  # noqa: PLC0415
+    from ops.submit import check_args, check_secrets  # noqa: PLC0415
 
     job_args = args.passed
     check_args(args.kind, job_args)
@@ -99,7 +100,7 @@ def run_submit(args: argparse.Namespace) -> int:
 
 def run_status(args: argparse.Namespace) -> int:
     """captioning jobs status: the state and Ray's message; exit 0 unless the job failed or was stopped."""
-    from jobs.submit import Cluster  # noqa: PLC0415
+    from ops.submit import Cluster  # noqa: PLC0415
 
     state, message = Cluster(args.address).status(args.job_id)
     records = _records(args)
@@ -111,7 +112,7 @@ def run_status(args: argparse.Namespace) -> int:
 
 def run_logs(args: argparse.Namespace) -> int:
     """captioning jobs logs: the log so far, or streamed with --follow."""
-    from jobs.submit import Cluster  # noqa: PLC0415
+    from ops.submit import Cluster  # noqa: PLC0415
 
     cluster = Cluster(args.address)
     if args.follow:
@@ -123,7 +124,7 @@ def run_logs(args: argparse.Namespace) -> int:
 
 def run_stop(args: argparse.Namespace) -> int:
     """captioning jobs stop."""
-    from jobs.submit import Cluster  # noqa: PLC0415
+    from ops.submit import Cluster  # noqa: PLC0415
 
     cluster = Cluster(args.address)
     stopped = cluster.stop(args.job_id)
@@ -140,7 +141,7 @@ def run_stop(args: argparse.Namespace) -> int:
 
 def run_list(args: argparse.Namespace) -> int:
     """captioning jobs list: the cluster's jobs, the records, or both (records refreshed from the cluster)."""
-    from jobs.submit import Cluster  # noqa: PLC0415
+    from ops.submit import Cluster  # noqa: PLC0415
 
     records = _records(args)
     rows: dict[str, dict[str, str]] = {}

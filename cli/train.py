@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from captioning.options import features_options, train_options
+from jobs.options import features_options, train_options
 
 
 def register(commands: argparse._SubParsersAction) -> None:

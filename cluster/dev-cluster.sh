@@ -8,4 +8,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-.venv/bin/python}"
 [ -x "$PYTHON" ] || PYTHON=python3
-exec "$PYTHON" -m jobs.devcluster "$@"
+exec "$PYTHON" -m ops.devcluster "$@"

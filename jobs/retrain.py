@@ -26,11 +26,10 @@ from typing import Any, Callable
 from captioning.config import Scaling, TrainConfig
 from captioning.errors import CaptioningError
 from captioning.manifest import ManifestSpec
-from captioning.options import (guarded, job_parser, log, manifest_spec, retrain_options, scaling, show_progress,
+from jobs.options import (guarded, job_parser, log, manifest_spec, retrain_options, scaling, show_progress,
                                 train_config)
-from captioning.lease import Lease
+from captioning.lease import Lease, leased
 from captioning.registry import Registry, store_bundle
-from captioning.runs import LEASE
 from captioning.storage import Storage, is_s3, local_path
 
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet", ".csv.gz", ".tsv.gz", ".jsonl.gz")
@@ -230,7 +229,7 @@ def retrain(config: RetrainConfig, log: Callable[[str], None] = log, progress: b
     score = score or holdout_scores
     storage = Storage(config.train.storage)
     # One retraining per registry at a time (a scheduler reads this lease to skip a tick while a run goes on).
-    with Lease(storage, f"{config.registry.rstrip('/')}/{LEASE}", log=log, what="retraining run") as lease:
+    with leased(storage, config.registry, "retraining run", log) as lease:
         return _retrain(config, log, progress, score, storage, lease)
 
 

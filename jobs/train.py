@@ -21,11 +21,11 @@ from captioning import console
 from captioning.console import LEVEL_ENV, VERBOSE_ENV
 from captioning.errors import CaptioningError
 from captioning.manifest import ManifestSpec
-from captioning.lease import Lease
-from captioning.options import guarded, job_parser, log, manifest_spec, result, show_progress, train_config, train_options
-from captioning.runs import LEASE, claim_run, run_settings
-from captioning.options import log as options_log
-from captioning.options import scaling as scaling_of
+from captioning.lease import leased
+from jobs.options import guarded, job_parser, log, manifest_spec, result, show_progress, train_config, train_options
+from captioning.runs import claim_run, run_settings
+from jobs.options import log as options_log
+from jobs.options import scaling as scaling_of
 from captioning.storage import Storage, absolute, is_s3
 from jobs.ray_setup import CONNECT_TIMEOUT, WORKER_SETUP, connect, quiet_ray_logging
 
@@ -92,7 +92,7 @@ def run(train_source: str, val_source: str, out: str, config: TrainConfig, scali
     out = out if is_s3(out) else absolute(out)
     storage = Storage(config.storage)
     storage.check_writable(out)  # before the cluster, the features and the epochs
-    with Lease(storage, f"{out.rstrip('/')}/{LEASE}", log=log, what="Ray Train run"):  # one run per --out
+    with leased(storage, out, "Ray Train run", log):  # one run per --out
         return _run(train_source, val_source, out, config, scaling, spec, address, log, progress, restart,
                     connect_timeout, storage)
 

@@ -102,7 +102,7 @@ def http_server():
 @pytest.fixture(scope="session")
 def seaweed(tmp_path_factory):
     """One SeaweedFS server for the whole session (buckets captions and outputs), stopped at the end."""
-    from captioning.seaweed import SeaweedServer
+    from ops.seaweed import SeaweedServer
 
     with SeaweedServer(tmp_path_factory.mktemp("seaweed")) as server:
         for bucket in ("captions", "outputs"):

@@ -105,7 +105,7 @@ def test_every_row_once_with_its_status_local_output(served, ray_session, traine
     assert success["rows"] == len(rows)
     stages = success["stages"]
     # The bounding stage follows from the report's own figures, and ms/image counts the captioned images.
-    from captioning.stage_timings import BUSY_ENOUGH
+    from captioning.shards.timings import BUSY_ENOUGH
 
     secs = stages["seconds"]
     if stages["caption_busy"] >= BUSY_ENOUGH:
@@ -157,7 +157,8 @@ def test_output_to_seaweedfs(served, ray_session, trained_bundle, tmp_path):
 
 def test_too_many_actors_for_the_cpus_is_refused_not_a_hang(served, ray_session, trained_bundle, tmp_path):
     from captioning.errors import CaptioningError
-    from jobs.batch import check_cpus, run
+    from jobs.batch import run
+    from jobs.driver import check_cpus
 
     server, expected = served
     config = BulkConfig(manifest_file(tmp_path, list(expected)[:3]), str(trained_bundle), str(tmp_path / "out"),
@@ -214,7 +215,7 @@ def test_throttling_and_dropped_connections_on_a_fifth_of_storage_requests_lose_
 
 def test_a_storage_outage_longer_than_the_window_is_one_error_line_and_a_rerun_resumes(
         served, ray_session, trained_bundle, tmp_path, capsys):
-    from captioning.options import guarded
+    from jobs.options import guarded
     from jobs.batch import run
     from tests.faults import FaultProxy
 

@@ -9,9 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioning import bulk, errors
-from captioning.bulk import (BulkConfig, CaptionShard, admit, attention_for, fetch_shard, file_id, plan_shards,
-                             read_output, uri, write_shard)
+from captioning import errors
+from captioning.shards import fetching
+from captioning.bulk import BulkConfig, CaptionShard, CaptionWriter, attention_for, read_output
+from captioning.shards.fetching import admit, fetch_shard
+from captioning.shards.layout import file_id, uri
+from captioning.shards.payloads import ShardInput
+from captioning.shards.plan import plan_shards
 from captioning.config import FetchConfig
 from captioning.errors import CaptioningError
 from captioning.lease import Lease, LeaseHeld
@@ -102,17 +106,17 @@ def test_admission_reads_only_urls_unless_told():
     config = BulkConfig("m", "b", "o")
     row = {"url": "/data/x.jpg", "source": "/data/x.jpg"}
     with pytest.raises(CaptioningError) as err:
-        admit(row, config)
+        admit(row["url"], row["source"], config)
     assert err.value.reason == "bad_url" and "--allow-local-files" in err.value.message
-    assert admit(row, replace(config, allow_local_files=True)) == "/data/x.jpg"
-    assert admit({"url": "file:///d/x.jpg", "source": "/d/x.jpg"}, replace(config, allow_local_files=True)) == "/d/x.jpg"
-    assert admit({"url": "s3://b/k", "source": "s3://b/k"}, replace(config, allow_s3_sources=True)) == "s3://b/k"
+    assert admit(row["url"], row["source"], replace(config, allow_local_files=True)) == "/data/x.jpg"
+    assert admit("file:///d/x.jpg", "/d/x.jpg", replace(config, allow_local_files=True)) == "/d/x.jpg"
+    assert admit("s3://b/k", "s3://b/k", replace(config, allow_s3_sources=True)) == "s3://b/k"
     for value, reason in (("s3://b/k", "unsupported_scheme"), ("file:///etc/passwd", "unsupported_scheme"),
                           ("gopher://h/x", "unsupported_scheme"), ("", "bad_url")):
         with pytest.raises(CaptioningError) as err:
-            admit({"url": value, "source": value}, config)
+            admit(value, value, config)
         assert err.value.reason == reason, value
-    assert admit({"url": "HTTPS://h/x", "source": ""}, config) == "HTTPS://h/x"
+    assert admit("HTTPS://h/x", "", config) == "HTTPS://h/x"
 
 
 def test_opted_in_local_reads_are_capped_and_never_hang(tmp_path):
@@ -134,7 +138,7 @@ def test_one_rows_surprise_is_its_status_not_a_failed_shard(images, tmp_path, mo
         for i in range(3):
             server.routes[f"/{i}.jpg"] = Reply(200, images[i].read_bytes())
         config, storage = stage_config(server, tmp_path, [server.url(f"/{i}.jpg") for i in range(3)])
-        real = bulk.decode_with_size
+        real = fetching.decode_with_size
         monkeypatch.setattr(errors, "_logged_internal", set())  # log the first one again, whatever ran before
 
         def sometimes_broken(data, source, *args):
@@ -142,14 +146,14 @@ def test_one_rows_surprise_is_its_status_not_a_failed_shard(images, tmp_path, mo
                 raise RuntimeError(f"decoder bug at {source}?sig={SECRET}")
             return real(data, source, *args)
 
-        monkeypatch.setattr("captioning.bulk.decode_with_size", sometimes_broken)
+        monkeypatch.setattr("captioning.shards.fetching.decode_with_size", sometimes_broken)
         plan_shards(config, storage)
-        fetched = fetch_shard({"shard": 0}, config)
+        fetched = fetch_shard(ShardInput(0), config, CaptionWriter(config))
     finally:
         server.close()
-    rows = json.loads(fetched["rows"])
-    assert [r["status"] for r in rows] == ["ok", "internal_error", "ok"] and fetched["image_count"] == 2
-    assert rows[1]["error"].startswith("RuntimeError: decoder bug") and SECRET not in rows[1]["error"]
+    rows = fetched.rows
+    assert [r.status for r in rows] == ["ok", "internal_error", "ok"] and len(fetched.images) == 2
+    assert rows[1].error.startswith("RuntimeError: decoder bug") and SECRET not in rows[1].error
     assert any("internal error" in r.message and r.exc_info for r in caplog.records)
 
 
@@ -178,9 +182,10 @@ def test_retry_after_a_crash_before_the_marker_keeps_every_rows_own_map(images, 
         def one_run(crash_before_marker: bool = False) -> None:
             todo, _ = plan_shards(config, storage)
             assert todo == [0]
-            item = captioner(fetch_shard({"shard": 0}, config))
+            writer = CaptionWriter(config)
+            item = captioner(fetch_shard(ShardInput(0), config, writer))
             if not crash_before_marker:
-                write_shard(item, config)
+                writer.write(item)
                 return
             def crashing(real):
                 def crash(self, target, *args):
@@ -193,7 +198,7 @@ def test_retry_after_a_crash_before_the_marker_keeps_every_rows_own_map(images, 
                 for name in ("write_bytes", "create", "replace_if"):
                     patch.setattr(Storage, name, crashing(getattr(Storage, name)))
                 with pytest.raises(OSError):
-                    write_shard(item, config)
+                    writer.write(item)
 
         one_run()
         phase["n"], config = 1, replace(config, retry_failed=True)
@@ -263,7 +268,7 @@ def test_changed_reruns_are_refused_before_any_work(ray_session, trained_bundle,
 
 
 def test_markers_are_checked_by_range_not_only_by_count(tmp_path):
-    from captioning.bulk import check_ranges
+    from captioning.shards.summary import check_ranges
 
     config = BulkConfig("m", "b", str(tmp_path), shard_size=4)
     good = [{"shard": 0, "first_row": 0, "last_row": 3, "rows": 4}, {"shard": 1, "first_row": 4, "last_row": 5, "rows": 2}]

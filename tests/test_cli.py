@@ -146,7 +146,7 @@ def test_progress_is_a_bar_on_a_terminal_plain_lines_in_a_file_and_nothing_when_
     from tqdm import tqdm
 
     from captioning import console
-    from captioning.options import show_progress
+    from jobs.options import show_progress
 
     class Terminal(io.StringIO):
         def isatty(self):
@@ -168,7 +168,7 @@ def test_progress_is_a_bar_on_a_terminal_plain_lines_in_a_file_and_nothing_when_
 def test_every_option_of_every_command_explains_itself_and_shows_its_default():
     import argparse
 
-    from captioning.options import HelpFormatter
+    from jobs.options import HelpFormatter
     from cli.examples import EXAMPLES
     from cli.main import build_parser, commands_of
 
@@ -208,6 +208,6 @@ def test_train_help_groups_its_options_and_the_command_list_loads_neither_tensor
 
 def test_the_backbone_choices_of_the_options_are_the_backbones_there_are():
     from captioning.features import BACKBONES
-    from captioning.options import BACKBONE_NAMES
+    from jobs.options import BACKBONE_NAMES
 
     assert sorted(BACKBONE_NAMES) == sorted(BACKBONES)

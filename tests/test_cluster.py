@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from jobs.submit import check_args
+from ops.submit import check_args
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "cluster"
@@ -92,7 +92,7 @@ def test_the_dev_cluster_script_is_valid_bash_that_runs_the_tested_module():
     script = CLUSTER / "dev-cluster.sh"
     assert script.stat().st_mode & 0o111
     assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
-    assert "-m jobs.devcluster" in script.read_text()
+    assert "-m ops.devcluster" in script.read_text()
     done = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0 and "up" in done.stdout and "down" in done.stdout
 

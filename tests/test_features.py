@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from captioning.errors import CaptioningError
-from captioning.features import Backbone, FeatureCache
+from captioning.features import Backbone
 
 
 @pytest.fixture(scope="module")
@@ -37,34 +37,3 @@ def test_local_weights_file(backbone, tmp_path):
 def test_unknown_backbone():
     with pytest.raises(CaptioningError, match="resnet9000: unknown backbone"):
         Backbone("resnet9000")
-
-
-def test_cache_fills_once_and_survives_restart(backbone, tmp_path):
-    rng = np.random.default_rng(1)
-    images = {f"k{i}": rng.integers(0, 255, (224, 224, 3), dtype=np.uint8) for i in range(5)}
-    loads = []
-
-    def load(source):
-        loads.append(source)
-        if source == "bad":
-            raise CaptioningError("bad", "not an image", "not_an_image")
-        return images[source]
-
-    cache = FeatureCache(tmp_path, backbone, shard_size=2)
-    errors = cache.fill([(k, k) for k in images] + [("kbad", "bad")], load, batch_size=2, progress=False)
-    assert set(errors) == {"kbad"} and len(cache) == 5
-    direct = backbone(np.stack([images["k3"]])).numpy()[0]
-    np.testing.assert_allclose(cache.get("k3").astype(np.float32), direct, atol=2e-3, rtol=1e-2)
-    assert len(list(cache.dir.glob("shard-*.npy"))) == 3  # 5 images in shards of 2
-
-    loads.clear()
-    again = FeatureCache(tmp_path, backbone, shard_size=2)
-    assert len(again) == 5
-    again.fill([(k, k) for k in images], load, progress=False)
-    assert loads == []  # nothing recomputed
-    np.testing.assert_array_equal(again.get("k3"), cache.get("k3"))
-
-
-def test_cache_is_per_backbone_weights(backbone, tmp_path):
-    other = Backbone("mobilenet_v3_small", "none", seed=5)
-    assert FeatureCache(tmp_path, backbone).dir != FeatureCache(tmp_path, other).dir

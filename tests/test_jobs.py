@@ -19,8 +19,8 @@ from PIL import Image
 
 from captioning.errors import CaptioningError
 from cli.main import main
-from jobs import submit
-from jobs.submit import JobRecord, JobRecords, Submission, check_args, redact, source_state, stage_code
+from ops import submit
+from ops.submit import JobRecord, JobRecords, Submission, check_args, redact, source_state, stage_code
 from tests.conftest import LoopbackServer, Reply
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,7 +59,7 @@ def test_options_that_carry_credentials_are_refused_with_how_to_pass_them(option
 
 
 def test_short_secrets_are_masked_and_a_name_holding_one_is_refused(monkeypatch, capsys):
-    from jobs.submit import check_secrets
+    from ops.submit import check_secrets
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "q7z")
     assert redact("key q7z here") == "key <redacted> here"
@@ -79,7 +79,7 @@ def test_a_record_prefix_that_cannot_be_written_fails_before_submission(tmp_path
 
 
 def test_following_a_log_masks_a_secret_split_across_chunks(monkeypatch):
-    from jobs.submit import LineRedactor
+    from ops.submit import LineRedactor
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     printed: list[str] = []
@@ -207,11 +207,11 @@ def test_records_round_trip_and_stay_inside_their_prefix(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def dev_cluster(tmp_path_factory):
-    """`python -m jobs.devcluster up` (what cluster/dev-cluster.sh runs), stopped at the end, also on failure."""
+    """`python -m ops.devcluster up` (what cluster/dev-cluster.sh runs), stopped at the end, also on failure."""
     folder = tmp_path_factory.mktemp("devcluster")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_"))}
     out = open(folder.parent / f"{folder.name}.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.devcluster", "up", "--dir", str(folder), "--cpus", "2"],
+    proc = subprocess.Popen([sys.executable, "-m", "ops.devcluster", "up", "--dir", str(folder), "--cpus", "2"],
                             cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 240
@@ -226,7 +226,7 @@ def dev_cluster(tmp_path_factory):
         proc.send_signal(signal.SIGTERM)
         proc.wait(120)
         out.close()
-    from jobs.devcluster import RayHead
+    from ops.devcluster import RayHead
 
     markers = (str(folder), str(RayHead(folder).temp_dir))
     leftovers = [p for p in psutil.process_iter(["cmdline"])

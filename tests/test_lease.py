@@ -146,7 +146,7 @@ def test_a_run_that_loses_its_lease_stops_with_one_line(tmp_path):
     where = str(tmp_path / "_lease.json")
     # The run writes a file per 0.1 s under its lease; another run takes the lease over meanwhile.
     code = ("import sys, time, pathlib; from captioning.lease import Lease; from captioning.storage import Storage; "
-            "from captioning.options import guarded\n"
+            "from jobs.options import guarded\n"
             "def work():\n"
             f"    with Lease(Storage(), {where!r}, heartbeat=0.2, log=print):\n"
             "        print('held', flush=True)\n"

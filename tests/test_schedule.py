@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from captioning.errors import CaptioningError
-from jobs.schedule import Scheduler
+from ops.schedule import Scheduler
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = datetime(2026, 1, 1, 0, 0, 30, tzinfo=timezone.utc).timestamp()

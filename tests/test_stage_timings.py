@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from captioning.stage_timings import WORK, StageClock, merge, stage_report
+from captioning.shards.timings import WORK, StageClock, StageRecord, merge, stage_report
 
 
 def shard(start: float, fetch: float, caption: float, write: float, seconds: dict) -> dict:
@@ -21,11 +21,11 @@ def test_clock_accumulates_work_and_spans():
         sum(range(10000))
     clock.add("backbone", 0.5)
     clock.add("decoder", 0.25)
-    record = clock.finish()
-    assert 0.5 < record["seconds"]["backbone"] < 1.0 and record["seconds"]["decoder"] == 0.25
-    assert record["span"][0] <= record["span"][1]
-    timing = merge(["fetch", {"span": [0, 1], "seconds": {"fetch": 2.0}}], ["caption", record])
-    assert timing["spans"] == {"fetch": [0, 1], "caption": record["span"]}
+    record = clock.finish("caption")
+    assert 0.5 < record.seconds["backbone"] < 1.0 and record.seconds["decoder"] == 0.25
+    assert record.start <= record.end
+    timing = merge([StageRecord("fetch", 0, 1, {"fetch": 2.0}), record])
+    assert timing["spans"] == {"fetch": [0, 1], "caption": [record.start, record.end]}
     assert timing["seconds"]["fetch"] == 2.0 and timing["seconds"]["decoder"] == 0.25
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from captioning.bundle import load_bundle
 from captioning.manifest import read_manifest
-from captioning.seaweed import PORT_FLAGS, RAY_WORKER_PORTS
+from ops.seaweed import PORT_FLAGS, RAY_WORKER_PORTS
 from captioning.storage import Storage, StorageError
 
 

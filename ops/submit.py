@@ -24,15 +24,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from captioning import options
+from jobs import options
+from jobs.kinds import JOBS
 from captioning.atomic import atomic_write
 from captioning.errors import CaptioningError
 from captioning.records import parse_record
 from captioning.redaction import REDACTED, credentials_in, find_token, redact_text, secret_values
 from captioning.storage import Storage, is_s3, local_path
 
-KINDS = {"batch": options.batch_options, "features": options.features_options, "train": options.train_options,
-         "retrain": options.retrain_options}
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 # Set on the submitting machine, these reach the job's driver and every task and actor it starts.
 FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
@@ -50,9 +49,9 @@ def redact(text: str, hidden: list[str] | None = None) -> str:
 
 def check_args(kind: str, args: list[str]) -> None:
     """The job's options parse as the local command's would, and hold no secret (those go through the env)."""
-    if kind not in KINDS:
-        raise CaptioningError(kind, f"unknown job kind; choose one of {', '.join(KINDS)}")
-    parser = options.job_parser(f"captioning jobs submit {kind} --", "", KINDS[kind])
+    if kind not in JOBS:
+        raise CaptioningError(kind, f"unknown job kind; choose one of {', '.join(JOBS)}")
+    parser = options.job_parser(f"captioning jobs submit {kind} --", "", JOBS[kind].options)
 
     def refuse(message: str) -> None:
         raise CaptioningError(f"jobs submit {kind}", f"the job's options: {message}")
@@ -149,7 +148,7 @@ class Submission:
 
     def entrypoint(self) -> str:
         """The job's command line: the local command's entrypoint and options."""
-        return shlex.join(["python", "-m", f"jobs.{self.kind}", *self.args])
+        return shlex.join([*JOBS[self.kind].entrypoint, *self.args])
 
     def environment(self) -> dict[str, str]:
         """Environment variables the job gets: storage settings and credentials when forwarded."""

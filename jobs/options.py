@@ -9,17 +9,18 @@ import argparse
 import math
 import re
 import sys
-from dataclasses import replace
 from typing import Any, Callable
 
-from captioning.config import (BULK_IMAGE, FetchConfig, GenerationConfig, ModelConfig, Scaling, StorageConfig,
-                               TrainConfig)
+from captioning.config import (BACKBONE_CHANNELS, BULK_IMAGE, FetchConfig, GenerationConfig, ModelConfig, Scaling,
+                               StorageConfig, TrainConfig, bulk_image)
+from captioning.shards import defaults
 from captioning import console
 from captioning.errors import CaptioningError, captioning_cause
 from captioning.redaction import printable, redact_text
 
 PRECISIONS = ["auto", "float32", "mixed_float16", "mixed_bfloat16"]
-BACKBONE_NAMES = ["mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0"]  # captioning.features.BACKBONES
+BACKBONE_NAMES = list(BACKBONE_CHANNELS)
+MIB = 1024 * 1024
 
 
 def log(message: str) -> None:
@@ -138,13 +139,17 @@ def group(parser: Any, title: str) -> Any:
     return parser.add_argument_group(title)
 
 
-def manifest_options(parser: argparse.ArgumentParser) -> None:
-    """--format and the column names of a manifest."""
+def manifest_options(parser: argparse.ArgumentParser, image: str = "image",
+                     caption_help: str = "column with the reference caption") -> None:
+    """--format and the column names of a manifest; image: the image column's default (--url-column when "url")."""
     data = group(parser, "data")
     data.add_argument("--format", default="auto",
                       help="csv, tsv, cc-tsv, jsonl or parquet (default: by the file's extension)")
-    data.add_argument("--image-column", default="image", help="column with the image path or URL")
-    data.add_argument("--caption-column", default="caption", help="column with the reference caption")
+    if image == "url":
+        data.add_argument("--url-column", dest="image_column", default="url", help="column with the image URL")
+    else:
+        data.add_argument("--image-column", default=image, help="column with the image path or URL")
+    data.add_argument("--caption-column", default="caption", help=caption_help)
     data.add_argument("--id-column", default=None, help="column with a row id (default: the row number)")
 
 
@@ -232,17 +237,41 @@ def ray_options(parser: argparse.ArgumentParser) -> None:
         help="no progress (default: bars on a terminal, a plain line every 10 s or 10%% in a log file)")
 
 
+def sharded_options(parser: argparse.ArgumentParser, stage: str, what: str) -> None:
+    """What the bulk and features jobs share: shards, the model stage's actor pool, what a fetch task may read
+    and decode. stage: what the actors are ("captioning", "backbone"); what: how local rows are treated."""
+    data = group(parser, "data")
+    data.add_argument("--shard-size", type=positive, default=defaults.SHARD_SIZE, help="rows per committed shard")
+    ray = group(parser, "Ray")
+    ray.add_argument("--actors", type=positive, default=defaults.ACTORS,
+                     help=f"{stage} actors (each loads its model once)")
+    ray.add_argument("--num-gpus", type=non_negative, default=defaults.NUM_GPUS, help=f"GPUs per {stage} actor")
+    ray.add_argument("--actor-cpus", type=non_negative, default=defaults.ACTOR_CPUS,
+                     help=f"CPUs Ray reserves per {stage} actor")
+    fetch_limits(parser, what)
+
+
+def sharded_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields of sharded_options (and the manifest, network and storage options they go with)."""
+    return {"spec": manifest_spec(args), "shard_size": args.shard_size, "actors": args.actors,
+            "num_gpus": args.num_gpus, "actor_cpus": args.actor_cpus, "fetch_threads": args.fetch_threads,
+            "allow_local_files": args.allow_local_files, "allow_s3_sources": args.allow_s3_sources,
+            "decode_memory": args.decode_memory * MIB, "image": bulk_image(args.max_pixels),
+            "fetch": fetch_config(args), "storage": storage_config(args)}
+
+
 def fetch_limits(parser: argparse.ArgumentParser, what: str) -> None:
     """What a fetch task may read and decode: the bulk and features jobs' shared limits."""
     fetch = group(parser, "fetching")
-    fetch.add_argument("--fetch-threads", type=positive, default=32, help="concurrent requests per fetch task")
+    fetch.add_argument("--fetch-threads", type=positive, default=defaults.FETCH_THREADS,
+                       help="concurrent requests per fetch task")
     fetch.add_argument("--allow-local-files", action="store_true",
                        help="also read rows that are local paths or file:// URIs" + what)
     fetch.add_argument("--allow-s3-sources", action="store_true",
                        help="also read s3:// rows, with this job's credentials" + what)
     fetch.add_argument("--max-pixels", type=positive, default=BULK_IMAGE.max_pixels,
                        help="refuse images with more pixels than this")
-    fetch.add_argument("--decode-memory", type=positive, default=512, metavar="MIB",
+    fetch.add_argument("--decode-memory", type=positive, default=defaults.DECODE_MEMORY // MIB, metavar="MIB",
                        help="decoded-image memory one fetch task may hold at once, MiB")
 
 
@@ -255,22 +284,15 @@ def batch_options(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--model", required=True, help="model bundle directory or s3:// prefix, or "
                       "registry+URI[@vNNNN]: the registry's current version (resolved once, kept in every row)")
     data.add_argument("--output", required=True, help="output directory or s3:// prefix")
-    data.add_argument("--format", default="auto", help="csv, tsv, cc-tsv, jsonl or parquet (default: by extension)")
-    data.add_argument("--url-column", default="url", help="column with the image URL")
-    data.add_argument("--id-column", default=None, help="column with a row id (default: the row number)")
-    data.add_argument("--caption-column", default="caption", help="reference caption, kept in the output")
-    data.add_argument("--shard-size", type=positive, default=256, help="rows per committed output shard")
+    manifest_options(parser, image="url", caption_help="reference caption, kept in the output")
+    sharded_options(parser, "captioning", " (off: a URL job reads no local file)")
     data.add_argument("--no-attention", action="store_true", help="skip attention maps")
     data.add_argument("--attention-png", type=int, default=0, metavar="N",
                       help="also write overlay PNGs for the first N manifest rows")
     data.add_argument("--retry-failed", action="store_true", help="redo only rows with transient failures")
     ray = group(parser, "Ray")
-    ray.add_argument("--actors", type=positive, default=1, help="captioning actors (each loads the model once)")
-    ray.add_argument("--num-gpus", type=non_negative, default=0.0, help="GPUs per captioning actor")
-    ray.add_argument("--actor-cpus", type=non_negative, default=1.0, help="CPUs Ray reserves per captioning actor")
     ray.add_argument("--inference-threads", type=positive, default=None,
                      help="TensorFlow threads per captioning actor (default: all CPUs of its node)")
-    fetch_limits(parser, " (off: a URL job reads no local file)")
     ray_options(parser)
     generation_options(parser)
     network_options(parser)
@@ -279,21 +301,12 @@ def batch_options(parser: argparse.ArgumentParser) -> None:
 def bulk_config(args: argparse.Namespace) -> Any:
     """The BulkConfig of batch_options."""
     from captioning.bulk import BulkConfig  # noqa: PLC0415
-    from captioning.manifest import ManifestSpec  # noqa: PLC0415
 
     return BulkConfig(
-        manifest=args.manifest, model=args.model, output=args.output,
-        spec=ManifestSpec(args.format, args.url_column, args.caption_column, args.id_column),
-        shard_size=args.shard_size, batch_size=args.batch_size, actors=args.actors, num_gpus=args.num_gpus,
-        inference_threads=args.inference_threads, actor_cpus=args.actor_cpus,
-        fetch_threads=args.fetch_threads, attention=not args.no_attention, attention_png=args.attention_png,
-        retry_failed=args.retry_failed, precision=args.precision, fetch=fetch_config(args),
-        allow_local_files=args.allow_local_files, allow_s3_sources=args.allow_s3_sources,
-        image=replace(BULK_IMAGE, max_pixels=args.max_pixels, max_decode_bytes=args.max_pixels * 8),
-        decode_memory=args.decode_memory * 1024 * 1024,
-        generation=generation_config(args, attention=not args.no_attention),
-        storage=storage_config(args),
-    )
+        manifest=args.manifest, model=args.model, output=args.output, **sharded_config(args),
+        batch_size=args.batch_size, inference_threads=args.inference_threads, attention=not args.no_attention,
+        attention_png=args.attention_png, retry_failed=args.retry_failed, precision=args.precision,
+        generation=generation_config(args, attention=not args.no_attention))
 
 
 def backbone_options(parser: argparse.ArgumentParser, seed_alias: bool = False) -> None:
@@ -317,16 +330,11 @@ def features_options(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--manifest", required=True, help="CSV/TSV/JSONL/Parquet or Conceptual Captions TSV (local/S3)")
     data.add_argument("--out", "--output", dest="output", required=True, help="output folder or s3:// prefix")
     manifest_options(parser)
-    data.add_argument("--shard-size", type=positive, default=256, help="rows per committed shard")
+    sharded_options(parser, "backbone", " (a manifest reads images of its own kind anyway: local beside a local "
+                    "manifest, s3:// beside one on S3)")
     backbone_options(parser, seed_alias=True)
     model = group(parser, "model")
     model.add_argument("--batch-size", type=positive, default=64, help="images per backbone call")
-    ray = group(parser, "Ray")
-    ray.add_argument("--actors", type=positive, default=1, help="backbone actors (each loads it once)")
-    ray.add_argument("--num-gpus", type=non_negative, default=0.0, help="GPUs per backbone actor")
-    ray.add_argument("--actor-cpus", type=non_negative, default=1.0, help="CPUs Ray reserves per actor")
-    fetch_limits(parser, " (a manifest reads images of its own kind anyway: local beside a local manifest, s3:// "
-                 "beside one on S3)")
     ray_options(parser)
     network_options(parser)
 
@@ -336,13 +344,8 @@ def features_config(args: argparse.Namespace) -> Any:
     from captioning.featureset import FeaturesConfig  # noqa: PLC0415
 
     return FeaturesConfig.reading_own_kind(
-        args.manifest, args.output, spec=manifest_spec(args), backbone=args.backbone, weights=args.weights,
-        seed=args.backbone_seed, shard_size=args.shard_size, batch_size=args.batch_size, actors=args.actors,
-        actor_cpus=args.actor_cpus, num_gpus=args.num_gpus, fetch_threads=args.fetch_threads,
-        allow_local_files=args.allow_local_files, allow_s3_sources=args.allow_s3_sources,
-        decode_memory=args.decode_memory * 1024 * 1024, fetch=fetch_config(args),
-        image=replace(BULK_IMAGE, max_pixels=args.max_pixels, max_decode_bytes=args.max_pixels * 8),
-        storage=storage_config(args))
+        args.manifest, args.output, backbone=args.backbone, weights=args.weights, seed=args.backbone_seed,
+        batch_size=args.batch_size, **sharded_config(args))
 
 
 def train_options(parser: argparse.ArgumentParser) -> None:

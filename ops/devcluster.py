@@ -1,8 +1,8 @@
 """A local development cluster: a Ray head on 127.0.0.1 with token auth, and SeaweedFS, until Ctrl+C or `down`.
 
-    python -m jobs.devcluster up --dir runs/devcluster      # (cluster/dev-cluster.sh up) foreground; Ctrl+C stops
+    python -m ops.devcluster up --dir runs/devcluster      # (cluster/dev-cluster.sh up) foreground; Ctrl+C stops
     source runs/devcluster/env.sh                             # in another shell: RAY_ADDRESS, token path, S3 settings
-    python -m jobs.devcluster down --dir runs/devcluster    # from any shell
+    python -m ops.devcluster down --dir runs/devcluster    # from any shell
 
 The token and the S3 secret live only in files of the folder (0600); nothing prints them.
 """
@@ -24,8 +24,8 @@ import psutil
 
 from captioning.atomic import atomic_write
 from captioning.errors import CaptioningError
-from captioning.options import guarded, log, positive, result
-from captioning.seaweed import SeaweedServer, free_ports
+from jobs.options import guarded, log, positive, result
+from ops.seaweed import SeaweedServer, free_ports
 
 
 OTHER_PORTS = ("dashboard-agent-grpc-port", "dashboard-agent-listen-port", "metrics-export-port", "node-manager-port",
@@ -202,8 +202,8 @@ def _interrupt(*_: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m jobs.devcluster up|down --dir FOLDER."""
-    parser = argparse.ArgumentParser(prog="python -m jobs.devcluster", description=__doc__,
+    """python -m ops.devcluster up|down --dir FOLDER."""
+    parser = argparse.ArgumentParser(prog="python -m ops.devcluster", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=["up", "down"])
     parser.add_argument("--dir", type=Path, default=Path("runs/devcluster"), help="state folder (default %(default)s)")

@@ -32,8 +32,8 @@ from captioning.errors import CaptioningError
 from captioning.records import parse_record
 from captioning.redaction import redact_text
 from captioning.lease import live_holder, process_gone, this_process
-from captioning.options import log as print_log
-from captioning.runs import LEASE
+from jobs.kinds import JOBS
+from jobs.options import log as print_log
 from captioning.storage import Storage, is_s3, local_path
 
 TICK_FORMAT = "%Y%m%dT%H%M%SZ"
@@ -62,7 +62,7 @@ class LocalRunner:
         self.logs.mkdir(parents=True, exist_ok=True)
         log_path = self.logs / f"{tick}.log"
         with open(log_path, "ab") as out:
-            process = subprocess.Popen([sys.executable, "-m", f"jobs.{kind}", *args], stdout=out,
+            process = subprocess.Popen([sys.executable, "-m", JOBS[kind].module, *args], stdout=out,
                                        stderr=subprocess.STDOUT, start_new_session=True)
         return {"where": "local", "pid": process.pid, "host": os.uname().nodename,
                 "started": psutil.Process(process.pid).create_time(), "log": str(log_path)}
@@ -85,13 +85,13 @@ class ClusterRunner:
         self.address, self.code = address, code
 
     def start(self, kind: str, args: list[str], tick: str) -> dict[str, Any]:
-        from jobs.submit import Cluster, Submission  # noqa: PLC0415
+        from ops.submit import Cluster, Submission  # noqa: PLC0415
 
         job_id = Cluster(self.address).submit(Submission(kind, args, name=f"{kind}-{tick}", code=self.code))
         return {"where": "ray", "job_id": job_id}
 
     def running(self, run: dict[str, Any]) -> bool:
-        from jobs.submit import TERMINAL, Cluster  # noqa: PLC0415
+        from ops.submit import TERMINAL, Cluster  # noqa: PLC0415
 
         state, _ = Cluster(self.address).status(run["job_id"])
         return state not in TERMINAL
@@ -99,23 +99,7 @@ class ClusterRunner:
 
 def output_lease(kind: str, args: list[str]) -> str | None:
     """Where the job's run holds its lease: the very option the job writes to, parsed by the job's own options."""
-    import argparse  # noqa: PLC0415
-
-    from captioning import options  # noqa: PLC0415
-
-    option_set, dest = {"batch": (options.batch_options, "output"), "features": (options.features_options, "output"),
-                        "train": (options.train_options, "out"), "retrain": (options.retrain_options, "registry")}[kind]
-    full = argparse.ArgumentParser(add_help=False)
-    option_set(full)
-    names = next(action.option_strings for action in full._actions if action.dest == dest)
-    only = argparse.ArgumentParser(add_help=False, exit_on_error=False)  # that option alone: the rest may be absent
-    only.add_argument(*names, dest=dest)
-    try:
-        parsed, _ = only.parse_known_args(args)
-    except (argparse.ArgumentError, SystemExit):
-        return None  # the job itself will say what is wrong with its options
-    where = getattr(parsed, dest, None)
-    return f"{where.rstrip('/')}/{LEASE}" if where else None
+    return JOBS[kind].lease(args)
 
 
 def utc(timestamp: float) -> datetime:

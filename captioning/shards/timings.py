@@ -11,12 +11,23 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
 
 WORK = ("fetch", "decode", "backbone", "decoder", "write")
 # The caption actors are the expensive, scarce stage: when they are busy nearly all the time, they bound
 # the job; when they sit idle, images are not arriving fast enough (or results are not leaving).
 BUSY_ENOUGH = 0.85
+
+
+@dataclass
+class StageRecord:
+    """One stage's pass over one shard: its wall span (epoch seconds) and seconds per kind of work."""
+
+    stage: str
+    start: float
+    end: float
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 class StageClock:
@@ -39,18 +50,18 @@ class StageClock:
         """Add seconds measured elsewhere (per-row times summed by the caller)."""
         self.seconds[work] = self.seconds.get(work, 0.0) + seconds
 
-    def finish(self) -> dict:
-        """The stage's record: wall span [start, end] (epoch seconds) and seconds per kind of work."""
+    def finish(self, stage: str) -> StageRecord:
+        """The stage's record: wall span from the clock's start to now, and seconds per kind of work."""
         self.span[1] = time.time()
-        return {"span": list(self.span), "seconds": dict(self.seconds)}
+        return StageRecord(stage, self.span[0], self.span[1], dict(self.seconds))
 
 
-def merge(*stages: tuple[str, dict]) -> dict:
-    """Combine one shard's (stage name, record) pairs into spans by stage and summed seconds by work."""
+def merge(records: Iterable[StageRecord]) -> dict:
+    """Combine one shard's stage records into the marker's timing: spans by stage, summed seconds by work."""
     timing: dict = {"spans": {}, "seconds": {}}
-    for name, record in stages:
-        timing["spans"][name] = record["span"]
-        for work, seconds in record["seconds"].items():
+    for record in records:
+        timing["spans"][record.stage] = [record.start, record.end]
+        for work, seconds in record.seconds.items():
             timing["seconds"][work] = timing["seconds"].get(work, 0.0) + seconds
     return timing
 

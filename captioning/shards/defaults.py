@@ -1,0 +1,8 @@
+"""The engine's defaults, each in one place: the configs, the options and the docs read them from here."""
+
+SHARD_SIZE = 256  # manifest rows per shard: one input file, one commit, one output file
+FETCH_THREADS = 32  # requests in flight per fetch task
+DECODE_MEMORY = 512 * 1024 * 1024  # decoded-pixel bytes one fetch task may hold at once
+ACTORS = 1  # model-stage actors, each loading its model once
+ACTOR_CPUS = 1.0  # CPUs Ray reserves per actor; fetch and write tasks need some left
+NUM_GPUS = 0.0  # GPUs per actor

@@ -1,0 +1,73 @@
+"""A sharded run's frame, shared by the in-process runner below and the Ray Data driver (jobs/driver.py):
+configure, lease, prepare, plan, (process every shard to do), summarise, report."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from captioning import console
+from captioning.errors import CaptioningError
+from captioning.shards.fetching import fetch_shard
+from captioning.shards.payloads import ShardInput
+from captioning.shards.plan import plan_shards, shard_count
+from captioning.shards.plugin import Log, Plugin
+from captioning.shards.summary import summarise
+from captioning.storage import Storage
+
+
+@dataclass
+class Planned:
+    """What planning found: the shards to process, and the manifest's size."""
+
+    todo: list[int]
+    total_rows: int
+    shards_total: int
+    started: float
+
+
+def begin(plugin: Plugin, config: Any, storage: Storage, log: Log) -> Planned:
+    """Under the run's lease: the plug-in's preparation, then the plan, and one line saying what is to do."""
+    started = time.time()
+    words = plugin.prepare(config, storage)  # before the plan: a failure here pins the output to nothing
+    todo, total_rows = plan_shards(config, storage)
+    if plugin.needs_rows and not total_rows:
+        raise CaptioningError(config.manifest, "has no rows")
+    shards_total = shard_count(total_rows, config.shard_size)
+    log(f"{total_rows} rows in {shards_total} shards; {len(todo)} to process{words}")
+    return Planned(todo, total_rows, shards_total, started)
+
+
+def finish(plugin: Plugin, config: Any, storage: Storage, planned: Planned, processed_rows: int,
+           log: Log) -> dict[str, Any]:
+    """Check every shard committed, write _SUCCESS.json, report."""
+    summary = summarise(config, storage, planned.total_rows, planned.started,
+                        lambda markers, seconds: plugin.extra(config, markers, seconds, processed_rows,
+                                                              planned.started))
+    plugin.report(summary, config, log)
+    return summary
+
+
+def run_here(plugin: Plugin, config: Any, log: Log = print, progress: bool = True,
+             stage: Any = None) -> dict[str, Any]:
+    """A sharded job in this process, one shard at a time, with the same stages and layout as on Ray Data.
+    stage: an already-built model stage to use."""
+    from captioning.lease import leased  # noqa: PLC0415
+
+    storage = Storage(config.storage)
+    config = plugin.configure(config, storage, log)
+    with leased(storage, config.output, plugin.what, log, config.lease_stale_after):
+        planned = begin(plugin, config, storage, log)
+        processed = 0
+        if planned.todo:
+            stage = stage or plugin.stage(config)
+            writer = plugin.writer(config)
+            bar = console.progress(plugin.total(config, planned.todo, planned.total_rows), plugin.label,
+                                   plugin.unit, progress, leave=False)
+            for shard in planned.todo:
+                committed = writer.write(stage(fetch_shard(ShardInput(shard), config, writer)))
+                processed += committed.fresh
+                bar.update(plugin.progress(committed))
+            bar.close()
+        return finish(plugin, config, storage, planned, processed, log)

@@ -87,7 +87,6 @@ class StorageConfig:
     region: str | None = None
     path_style: bool | None = None  # None: path-style addressing when an endpoint is given (most S3 clones)
     multipart_threshold: int = 64 * 1024 * 1024
-    max_attempts: int = 3  # botocore's own quick retries per call; retry_window rides out longer trouble
     # Seconds an operation keeps retrying transient trouble (connection refused or reset, timeouts, 5xx,
     # SlowDown) with exponential backoff and jitter before it fails; permanent errors fail at once.
     retry_window: float = 300.0

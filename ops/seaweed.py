@@ -175,7 +175,7 @@ class SeaweedServer:
         except StorageError:
             return False
 
-    def client(self, max_attempts: int = 5):  # noqa: ANN201
+    def client(self, max_attempts: int = 1):  # noqa: ANN201
         """A boto3 S3 client with this server's credentials."""
         import boto3  # noqa: PLC0415
         from botocore.config import Config  # noqa: PLC0415

@@ -256,7 +256,9 @@ class Captioning(Plugin):
 
     what = "captioning batch run"
     label = "captioning"
-    stage_name = "CaptionShard"
+    stage_class = CaptionShard
+    payload = Captioned
+    writer_class = CaptionWriter
 
     def configure(self, config: BulkConfig, storage: Storage, log: Log) -> BulkConfig:
         """The registry --model resolved once, paths absolute."""
@@ -272,18 +274,6 @@ class Captioning(Plugin):
     def buffered(self, config: BulkConfig) -> int:
         """--buffered-shards."""
         return config.buffered_shards
-
-    def stage(self, config: BulkConfig) -> CaptionShard:
-        """The caption actor's stage."""
-        return CaptionShard(config)
-
-    def processed(self) -> type[Captioned]:
-        """The caption stage's payload."""
-        return Captioned
-
-    def writer(self, config: BulkConfig) -> CaptionWriter:
-        """Parquet + attention."""
-        return CaptionWriter(config)
 
     def extra(self, config: BulkConfig, markers: list[dict], seconds: float, processed_rows: int,
               started: float) -> dict[str, Any]:

@@ -197,7 +197,9 @@ class Features(Plugin):
 
     what = "features run"
     label = "backbone features"
-    stage_name = "EmbedShard"
+    stage_class = EmbedShard
+    payload = Embedded
+    writer_class = FeatureWriter
     unit = "shards"
     needs_rows = True
 
@@ -214,16 +216,8 @@ class Features(Plugin):
         return 4
 
     def stage(self, config: FeaturesConfig) -> EmbedShard:
-        """The backbone actor's stage."""
+        """The backbone actor's stage, with the given backbone if there is one."""
         return EmbedShard(config, self.backbone)
-
-    def processed(self) -> type[Embedded]:
-        """The backbone stage's payload."""
-        return Embedded
-
-    def writer(self, config: FeaturesConfig) -> FeatureWriter:
-        """Feature shards."""
-        return FeatureWriter(config)
 
     def extra(self, config: FeaturesConfig, markers: list[dict], seconds: float, processed_rows: int,
               started: float) -> dict[str, Any]:

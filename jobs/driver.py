@@ -95,7 +95,7 @@ def _process(plugin: Plugin, config: Any, planned: Planned, address: str | None,
     processed = fetched.map(actor_class(plugin), fn_constructor_kwargs={"plugin": plugin, "config": config},
                             num_cpus=config.actor_cpus, num_gpus=config.num_gpus or None,
                             compute=ray.data.ActorPoolStrategy(size=config.actors))
-    written = processed.map(write_shard_task, fn_kwargs={"writer": writer, "processed": plugin.processed()},
+    written = processed.map(write_shard_task, fn_kwargs={"writer": writer, "processed": plugin.payload},
                             num_cpus=TASK_CPUS)
     counts: Counter = Counter()
     bar = console.progress(plugin.total(config, planned.todo, planned.total_rows), plugin.label, plugin.unit,

@@ -17,7 +17,9 @@ class Plugin:
 
     what: ClassVar[str]  # the run's name in lease and log lines: "captioning batch run"
     label: ClassVar[str]  # the progress bar's
-    stage_name: ClassVar[str]  # the model stage's name in Ray (operator, actor process titles)
+    stage_class: ClassVar[type]  # the model stage: built once per actor from the config, called per shard
+    payload: ClassVar[type[Payload]]  # what the model stage returns
+    writer_class: ClassVar[type]  # the output format's Writer, built from the config
     unit: ClassVar[str] = "rows"  # what the progress bar counts: "rows" or "shards"
     needs_rows: ClassVar[bool] = False  # an empty manifest is an error rather than an empty output
 
@@ -33,17 +35,18 @@ class Plugin:
         """Decoded shards held in Ray's object store per actor: bounds memory."""
         return 8
 
+    @property
+    def stage_name(self) -> str:
+        """The model stage's name in Ray (operator, actor process titles, dashboard)."""
+        return self.stage_class.__name__
+
     def stage(self, config: Any) -> Callable[[FetchedShard], Payload]:
         """The model stage (an actor's work): built once per actor, called per shard."""
-        raise NotImplementedError
-
-    def processed(self) -> type[Payload]:
-        """The payload type the model stage returns."""
-        raise NotImplementedError
+        return self.stage_class(config)
 
     def writer(self, config: Any) -> Writer:
         """The writer of this job's output format."""
-        raise NotImplementedError
+        return self.writer_class(config)
 
     def extra(self, config: Any, markers: list[dict], seconds: float, processed_rows: int,
               started: float) -> dict[str, Any]:

@@ -146,7 +146,8 @@ def manifest_options(parser: argparse.ArgumentParser, image: str = "image",
     data.add_argument("--format", default="auto",
                       help="csv, tsv, cc-tsv, jsonl or parquet (default: by the file's extension)")
     if image == "url":
-        data.add_argument("--url-column", dest="image_column", default="url", help="column with the image URL")
+        data.add_argument("--url-column", dest="image_column", metavar="URL_COLUMN", default="url",
+                          help="column with the image URL")
     else:
         data.add_argument("--image-column", default=image, help="column with the image path or URL")
     data.add_argument("--caption-column", default="caption", help=caption_help)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import fields
 import re
 import sys
 from typing import Any, Callable
@@ -14,6 +15,7 @@ from typing import Any, Callable
 from captioning.config import (BACKBONE_CHANNELS, BULK_IMAGE, FetchConfig, GenerationConfig, ModelConfig, Scaling,
                                StorageConfig, TrainConfig, bulk_image)
 from captioning.shards import defaults
+from jobs.ray_setup import CONNECT_TIMEOUT
 from captioning import console
 from captioning.errors import CaptioningError, captioning_cause
 from captioning.redaction import printable, redact_text
@@ -231,7 +233,7 @@ def ray_options(parser: argparse.ArgumentParser) -> None:
     """Where a Ray job runs, and its progress."""
     ray = group(parser, "Ray")
     ray.add_argument("--address", default=None, help=ADDRESS_HELP)
-    ray.add_argument("--connect-timeout", type=seconds, default=60.0,
+    ray.add_argument("--connect-timeout", type=seconds, default=CONNECT_TIMEOUT,
                      help="seconds to reach --address before giving up with an error")
     group(parser, "output").add_argument(
         "--no-progress", action="store_true",
@@ -363,6 +365,9 @@ def train_options(parser: argparse.ArgumentParser) -> None:
 
 def retrain_options(parser: argparse.ArgumentParser) -> None:
     """Options of `captioning retrain` / `python -m jobs.retrain`."""
+    from jobs.retrain import RetrainConfig  # noqa: PLC0415  (its module parses with these options)
+
+    rule = {f.name: f.default for f in fields(RetrainConfig)}
     data = group(parser, "data")
     data.add_argument("--registry", required=True, help="model registry: folder or s3:// prefix")
     data.add_argument("--data-prefix", required=True,
@@ -370,12 +375,12 @@ def retrain_options(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--holdout", required=True, help="fixed holdout manifest: the promotion decision's data")
     data.add_argument("--val", required=True, help="fixed validation manifest (early stopping); not the holdout")
     promotion = group(parser, "promotion")
-    promotion.add_argument("--tolerance", type=drop, default=0.02,
+    promotion.add_argument("--tolerance", type=drop, default=rule["tolerance"],
                            help="largest relative drop of holdout BLEU-4 or CIDEr that still promotes, in [0, 1)")
-    promotion.add_argument("--min-holdout-rows", type=positive, default=20,
+    promotion.add_argument("--min-holdout-rows", type=positive, default=rule["min_rows"],
                            help="scorable rows (captions and an image) the holdout and --val must each hold; checked "
                                 "before a version is claimed")
-    promotion.add_argument("--min-scored-share", type=share, default=1.0,
+    promotion.add_argument("--min-scored-share", type=share, default=rule["min_scored_share"],
                            help="share of the holdout's rows that the candidate and its parent must both have "
                                 "scored for a promotion (1: every image)")
     training_options(parser)

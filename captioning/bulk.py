@@ -27,10 +27,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from captioning.config import BULK_IMAGE, FetchConfig, GenerationConfig, ImageConfig, StorageConfig
-from captioning.lease import STALE_AFTER
+from captioning.config import GenerationConfig, option
 from captioning.manifest import ManifestSpec
-from captioning.shards import defaults
+from captioning.shards.config import ShardedConfig
 from captioning.shards.layout import file_id, marker_uri, shard_name, uri
 from captioning.shards.payloads import Committed, FetchedShard, ShardRows
 from captioning.shards.plan import committed_shards, read_marker
@@ -52,33 +51,28 @@ SCHEMA_FIELDS = tuple(OUTPUT_SCHEMA.names)
 
 
 @dataclass(frozen=True)
-class BulkConfig:
+class BulkConfig(ShardedConfig):
     """Everything one bulk run needs; built by the CLI, shipped to every stage."""
 
-    manifest: str
-    model: str
-    output: str
+    manifest: str = option("--manifest", group="data",
+                           help="CSV/TSV/JSONL/Parquet or Conceptual Captions TSV (local/S3)")
+    model: str = option("--model", group="data", help="model bundle directory or s3:// prefix, or "
+                        "registry+URI[@vNNNN]: the registry's current version (resolved once, kept in every row)")
+    output: str = option("--output", group="data", help="output directory or s3:// prefix")
     spec: ManifestSpec = field(default_factory=lambda: ManifestSpec(image_column="url"))
-    shard_size: int = defaults.SHARD_SIZE
     batch_size: int | None = None  # None: the fastest size for the device (captioning/devices.py)
-    actors: int = defaults.ACTORS
-    actor_cpus: float = defaults.ACTOR_CPUS
-    inference_threads: int | None = None  # TensorFlow op threads per actor; None: all CPUs of its node
-    num_gpus: float = defaults.NUM_GPUS
-    fetch_threads: int = defaults.FETCH_THREADS
+    inference_threads: int | None = option("--inference-threads", default=None, kind="positive", group="Ray",
+                                           help="TensorFlow threads per captioning actor (default: all CPUs of its "
+                                           "node)")
     buffered_shards: int = 8  # decoded shards held in Ray's object store per captioning actor: bounds memory
-    attention: bool = True
-    attention_png: int = 0
-    retry_failed: bool = False
+    attention: bool = option("--no-attention", default=True, kind="flag", negated=True, group="data",
+                             help="skip attention maps")
+    attention_png: int = option("--attention-png", default=0, kind="int", metavar="N", group="data",
+                                help="also write overlay PNGs for the first N manifest rows")
+    retry_failed: bool = option("--retry-failed", default=False, kind="flag", group="data", kw_only=True,
+                                help="redo only rows with transient failures")
     precision: str = "auto"
-    allow_local_files: bool = False  # read manifest rows that are local paths or file:// (off: a URL job)
-    allow_s3_sources: bool = False  # read s3:// rows with the job's own credentials (off: a URL job)
-    decode_memory: int = defaults.DECODE_MEMORY  # decoded-pixel bytes one fetch task may hold at once
-    lease_stale_after: float = STALE_AFTER  # seconds without a heartbeat before another run may take the output
-    fetch: FetchConfig = field(default_factory=FetchConfig)
-    image: ImageConfig = field(default_factory=lambda: BULK_IMAGE)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
-    storage: StorageConfig = field(default_factory=StorageConfig)
     model_ref: str = ""  # the --model as resolved once (registry+URI@vNNNN), kept in every row; "": model itself
 
     def with_absolute_paths(self) -> "BulkConfig":

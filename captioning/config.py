@@ -3,26 +3,63 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from typing import Any
 
 # The frozen backbones (captioning/features.py builds them) and their feature depth C: the names are here so that
 # the command line offers them without importing TensorFlow.
 BACKBONE_CHANNELS = {"mobilenet_v3_small": 576, "mobilenet_v3_large": 960, "efficientnet_b0": 1280}
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+WEIGHTS_HELP = ("backbone weights: imagenet (downloaded by Keras), none (a seeded random backbone, for offline "
+                "tests), or a .weights.h5 file")
+BACKBONE_SEED_HELP = ("seed of a --weights none backbone, kept apart from the training seed so that training seeds "
+                      "compare on the same features")
+
+
+@dataclass(frozen=True)
+class Option:
+    """How a config field is set on the command line. jobs/options.py builds the argparse groups from these, so a
+    field's flag, help, group and default live in one place, beside the field (the library itself never parses).
+    kind: how the text is read (str, int, float, positive, non_negative, seconds, drop, share; flag: a switch,
+    append: repeatable, kept as a tuple)."""
+
+    flags: tuple[str, ...]
+    help: str
+    group: str
+    kind: str = "str"
+    metavar: str | None = None
+    choices: tuple[str, ...] | None = None
+    unit: int = 1  # the field holds the given value times this (MiB given, bytes kept)
+    negated: bool = False  # a --no-X switch for a field that is True unless it is given
+    default: Any = None  # the command line's own default, where it differs from the field's (said why there)
+    own_default: bool = False  # whether `default` is set
+
+
+def option(*flags: str, help: str, group: str, default: Any = MISSING, option_default: Any = MISSING,
+           kw_only: Any = MISSING, **how: Any) -> Any:
+    """A dataclass field that is also a command-line option (no default: a required option)."""
+    spec = Option(flags, help, group, **how) if option_default is MISSING else \
+        Option(flags, help, group, default=option_default, own_default=True, **how)
+    return field(default=default, kw_only=kw_only, metadata={"option": spec})
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Shape of the captioner; stored in every model bundle."""
 
-    vocab_size: int = 5000
-    max_length: int = 32  # tokens per caption including [START] and [END]
-    d_model: int = 256
-    num_layers: int = 2
-    num_heads: int = 2
+    vocab_size: int = option("--vocab-size", default=5000, kind="positive", group="model",
+                             help="most frequent training words kept; the rest are [UNK], which is never scored nor "
+                             "generated")
+    max_length: int = option("--max-length", default=32, kind="positive", group="model",
+                             help="tokens per caption, [START] and [END] included (longer captions are cut)")
+    d_model: int = option("--d-model", default=256, kind="positive", group="model", help="decoder width")
+    num_layers: int = option("--layers", default=2, kind="positive", group="model", help="decoder layers")
+    num_heads: int = option("--heads", default=2, kind="positive", group="model",
+                            help="attention heads (must divide --d-model)")
     ff_multiplier: int = 2
-    dropout: float = 0.3
-    backbone: str = "mobilenet_v3_small"
+    dropout: float = option("--dropout", default=0.3, kind="float", group="model", help="decoder dropout rate")
+    backbone: str = option("--backbone", default="mobilenet_v3_small", choices=tuple(BACKBONE_CHANNELS),
+                           group="model", help="frozen image backbone")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for JSON."""
@@ -43,8 +80,10 @@ class FetchConfig:
     """How URLs are fetched: timeouts, retries, limits and the private-address guard."""
 
     connect_timeout: float = 5.0
-    read_timeout: float = 15.0  # per read: a silent server
-    deadline: float = 60.0  # per request, retries and redirects included: a server that drips bytes
+    read_timeout: float = option("--timeout", default=15.0, kind="seconds", group="network",
+                                 help="read timeout per request, seconds")  # a silent server
+    deadline: float = option("--deadline", default=60.0, kind="seconds", group="network",
+                             help="total seconds per request, retries and redirects included")  # a server that drips
     min_rate: float = 1024.0  # bytes/s a response must average once min_rate_after seconds have passed
     min_rate_after: float = 10.0
     retries: int = 3
@@ -52,8 +91,12 @@ class FetchConfig:
     max_bytes: int = 32 * 1024 * 1024
     max_redirects: int = 5
     user_agent: str = "captioning/0.1 (+https://github.com/captioning/captioning; batch image captioner)"
-    allow_private_networks: bool = False
-    allowed_networks: tuple[str, ...] = ()  # CIDRs let through the guard, e.g. ("127.0.0.1/32",) for a test server
+    allow_private_networks: bool = option("--allow-private-networks", default=False, kind="flag", group="network",
+                                          help="let URLs reach private, loopback and link-local addresses (off by "
+                                          "default)")
+    allowed_networks: tuple[str, ...] = option("--allow-network", default=(), kind="append", metavar="CIDR",
+                                               group="network", help="let URLs reach this private network only "
+                                               "(repeatable), e.g. 127.0.0.1/32")
     respect_robots_header: bool = True
 
 
@@ -83,13 +126,18 @@ BULK_IMAGE = bulk_image()
 class StorageConfig:
     """Object-storage settings; anything unset comes from the standard AWS environment and config files."""
 
-    s3_endpoint: str | None = None  # e.g. http://127.0.0.1:8333 for SeaweedFS; AWS_ENDPOINT_URL also works
+    s3_endpoint: str | None = option("--s3-endpoint", default=None, group="storage",  # e.g. SeaweedFS's
+                                     help="S3-compatible endpoint for s3:// URIs (default: AWS_ENDPOINT_URL, else "
+                                     "AWS itself)")
     region: str | None = None
     path_style: bool | None = None  # None: path-style addressing when an endpoint is given (most S3 clones)
     multipart_threshold: int = 64 * 1024 * 1024
     # Seconds an operation keeps retrying transient trouble (connection refused or reset, timeouts, 5xx,
     # SlowDown) with exponential backoff and jitter before it fails; permanent errors fail at once.
-    retry_window: float = 300.0
+    retry_window: float = option("--storage-retry-window", default=300.0, kind="seconds", metavar="SECONDS",
+                                 group="storage", help="how long each storage operation rides out an outage, "
+                                 "throttling or 5xx answers (backoff with jitter) before the run stops with one "
+                                 "error")
     retry_base: float = 0.5  # first backoff, seconds; doubled per attempt up to retry_cap, times a jitter in [0.5, 1)
     retry_cap: float = 20.0
 
@@ -99,22 +147,40 @@ class TrainConfig:
     """Everything `captioning train` needs besides the manifests."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    weights: str = "imagenet"  # "imagenet", "none" (seeded random backbone) or a local weights file
-    epochs: int = 30
-    batch_size: int = 64
-    learning_rate: float = 1e-4
-    patience: int = 5
-    seed: int = 0  # training: initial weights, dropout, shuffling
-    backbone_seed: int = 0  # the --weights none backbone's own: other training seeds train on the same features
-    shuffle_buffer: int = 2048  # caption pairs mixed per worker; each holds its image's 56 KiB of features
-    cache_dir: str | None = None  # where features of manifests are made; default <out>/features
+    weights: str = option("--weights", default="imagenet", group="model", help=WEIGHTS_HELP)
+    epochs: int = option("--epochs", default=30, kind="positive", group="training",
+                         help="most epochs; a rerun with a larger value continues the run")
+    batch_size: int = option("--batch-size", default=64, kind="positive", group="training",
+                             help="global batch: caption pairs per step over all workers")
+    learning_rate: float = option("--learning-rate", default=1e-4, kind="seconds", group="training",
+                                  help="Adam learning rate, not scaled with the worker count")
+    patience: int = option("--patience", default=5, kind="positive", group="training",
+                           help="epochs without a lower validation loss before early stopping (the best epoch's "
+                           "weights are kept)")
+    seed: int = option("--seed", default=0, kind="int", group="training",
+                       help="training seed: initial decoder weights, dropout, shuffling")
+    # The --weights none backbone's own seed: other training seeds train on the same features.
+    backbone_seed: int = option("--backbone-seed", default=0, kind="int", group="model", help=BACKBONE_SEED_HELP)
+    # Each caption pair held holds its image's 56 KiB of features.
+    shuffle_buffer: int = option("--shuffle-buffer", default=2048, kind="positive", group="training",
+                                 help="caption pairs mixed per worker (about 56 KiB each)")
+    cache_dir: str | None = option("--cache-dir", default=None, group="data",
+                                   help="where features of manifests go (default: <out>/features)")
     image: ImageConfig = field(default_factory=ImageConfig)
     fetch: FetchConfig = field(default_factory=FetchConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
-    steps_per_epoch: int | None = None  # cap, for quick runs
-    max_seconds: float | None = None  # wall-clock budget for the epochs; checked after each epoch
-    checkpoint_every: int | None = None  # also checkpoint every this many steps within an epoch
-    precision: str = "auto"  # decoder compute dtype policy; auto: mixed on GPUs (loss-scaled for float16), float32 on CPUs
+    steps_per_epoch: int | None = option("--steps-per-epoch", default=None, kind="positive", group="training",
+                                         help="cap on steps per epoch, for quick runs (default: the whole training "
+                                         "set)")
+    max_seconds: float | None = option("--max-seconds", default=None, kind="seconds", group="training",
+                                       help="stop after the epoch that uses up this many seconds (default: no "
+                                       "limit)")
+    checkpoint_every: int | None = option("--checkpoint-every", default=None, kind="positive", metavar="STEPS",
+                                          group="training", help="also checkpoint every this many steps (default: "
+                                          "at each epoch end only)")
+    precision: str = option("--precision", default="auto", choices=PRECISIONS, group="model",
+                            help="decoder compute precision (auto: mixed on GPUs, float16 with loss scaling; float32 "
+                            "on CPUs)")
     sample_every_epoch: bool = True
     # A bundle (folder or s3://) to start from: its backbone embeds the data, its vocabulary is kept (new words
     # become [UNK]) and its decoder weights are the starting point. The model settings must be the bundle's.
@@ -129,11 +195,17 @@ class Scaling:
     """How many Ray Train workers, what each gets, and how many failures the run survives (0 workers: one
     process, no Ray)."""
 
-    workers: int = 2
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 1.0
-    max_failures: int = 2
-    keep_checkpoints: int = 2
+    # The command line trains in this process unless told otherwise; a Scaling made in code is for Ray.
+    workers: int = option("--workers", default=2, kind="int", group="Ray", option_default=0,
+                          help="Ray Train workers (0: train in this process)")
+    gpus_per_worker: float = option("--gpus-per-worker", default=0.0, kind="non_negative", group="Ray",
+                                    help="GPUs per Ray Train worker (one worker per GPU is the usual choice)")
+    cpus_per_worker: float = option("--cpus-per-worker", default=1.0, kind="non_negative", group="Ray",
+                                    help="CPUs Ray reserves per Ray Train worker")
+    max_failures: int = option("--max-failures", default=2, kind="int", group="Ray",
+                               help="worker failures a Ray run recovers from, each from its last checkpoint")
+    keep_checkpoints: int = option("--keep-checkpoints", default=2, kind="positive", group="Ray",
+                                   help="Ray checkpoints kept, the lowest val_loss first")
 
 
 METHODS = ("greedy", "sample", "beam")

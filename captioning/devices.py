@@ -6,7 +6,7 @@ import os
 
 import tensorflow as tf
 
-PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+from captioning.config import PRECISIONS
 # Measured on 2 x86 cores (benchmarks/bulk.py prints the sweep): MobileNetV3Small runs 3.0 ms/image at
 # batch 32 but 5.6 ms/image at batch 128, because bigger batches fall out of cache. GPUs want big batches.
 CPU_BATCH_SIZE = 32

@@ -25,11 +25,11 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from captioning.config import BULK_IMAGE, FetchConfig, ImageConfig, StorageConfig
+from captioning.config import (BACKBONE_CHANNELS, BACKBONE_SEED_HELP, WEIGHTS_HELP, ModelConfig, TrainConfig,
+                               option)
 from captioning.errors import CaptioningError
-from captioning.lease import STALE_AFTER
 from captioning.manifest import ManifestSpec
-from captioning.shards import defaults
+from captioning.shards.config import ShardedConfig
 from captioning.shards.layout import COMMITTED, SUCCESS, marker_uri, shard_name, uri
 from captioning.shards.payloads import Committed, FetchedShard, ShardRows, array_to_bytes
 from captioning.shards.plan import read_marker
@@ -44,30 +44,20 @@ BACKBONE_WEIGHTS = "backbone.weights.h5"
 
 
 @dataclass(frozen=True)
-class FeaturesConfig:
+class FeaturesConfig(ShardedConfig):
     """One features run: which manifest, which backbone, where to, and the bulk job's fetch and decode rules."""
 
-    manifest: str
-    output: str
+    manifest: str = option("--manifest", group="data",
+                           help="CSV/TSV/JSONL/Parquet or Conceptual Captions TSV (local/S3)")
+    output: str = option("--out", "--output", group="data", help="output folder or s3:// prefix")
     spec: ManifestSpec = field(default_factory=ManifestSpec)
-    backbone: str = "mobilenet_v3_small"
-    weights: str = "imagenet"  # "imagenet", "none" (seeded random backbone) or a local weights file
-    seed: int = 0
-    shard_size: int = defaults.SHARD_SIZE
-    batch_size: int = 64  # images per backbone call
-    actors: int = defaults.ACTORS
-    actor_cpus: float = defaults.ACTOR_CPUS
-    num_gpus: float = defaults.NUM_GPUS
-    fetch_threads: int = defaults.FETCH_THREADS
-    # A features manifest usually lists files beside it: its own kind of location is read by default.
-    allow_local_files: bool = False
-    allow_s3_sources: bool = False
-    retry_failed: bool = False
-    decode_memory: int = defaults.DECODE_MEMORY
-    lease_stale_after: float = STALE_AFTER
-    fetch: FetchConfig = field(default_factory=FetchConfig)
-    image: ImageConfig = field(default_factory=lambda: BULK_IMAGE)
-    storage: StorageConfig = field(default_factory=StorageConfig)
+    backbone: str = option("--backbone", default=ModelConfig.backbone, choices=tuple(BACKBONE_CHANNELS),
+                           group="model", help="frozen image backbone")
+    weights: str = option("--weights", default=TrainConfig.weights, group="model", help=WEIGHTS_HELP)
+    seed: int = option("--backbone-seed", "--seed", default=TrainConfig.backbone_seed, kind="int", group="model",
+                       help=BACKBONE_SEED_HELP)
+    batch_size: int = option("--batch-size", default=64, kind="positive", group="model",
+                             help="images per backbone call")
 
     def plan_extra(self) -> dict[str, Any]:
         """Features of another backbone never join a feature set: the backbone is part of the plan."""

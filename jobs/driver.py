@@ -13,7 +13,7 @@ from captioning.errors import CaptioningError
 from captioning.lease import leased
 from captioning.shards.fetching import fetch_shard
 from captioning.shards.payloads import Committed, FetchedShard, ShardInput
-from captioning.shards.plan import ShardedJob
+from captioning.shards.config import ShardedJob
 from captioning.shards.plugin import Plugin
 from captioning.shards.run import Planned, begin, finish
 from captioning.shards.writer import Writer

@@ -7,22 +7,19 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import fields
+from dataclasses import MISSING, fields
 import re
 import sys
 from typing import Any, Callable
 
-from captioning.config import (BACKBONE_CHANNELS, BULK_IMAGE, FetchConfig, GenerationConfig, ModelConfig, Scaling,
-                               StorageConfig, TrainConfig, bulk_image)
-from captioning.shards import defaults
+from captioning.config import (BACKBONE_CHANNELS, BULK_IMAGE, PRECISIONS, FetchConfig, GenerationConfig, ModelConfig,
+                               Option, Scaling, StorageConfig, TrainConfig, bulk_image)
 from jobs.ray_setup import CONNECT_TIMEOUT
 from captioning import console
 from captioning.errors import CaptioningError, captioning_cause
 from captioning.redaction import printable, redact_text
 
-PRECISIONS = ["auto", "float32", "mixed_float16", "mixed_bfloat16"]
 BACKBONE_NAMES = list(BACKBONE_CHANNELS)
-MIB = 1024 * 1024
 
 
 def log(message: str) -> None:
@@ -141,6 +138,55 @@ def group(parser: Any, title: str) -> Any:
     return parser.add_argument_group(title)
 
 
+TYPES: dict[str, Callable[[str], Any]] = {"str": str, "int": int, "float": float, "positive": positive,
+                                         "non_negative": non_negative, "seconds": seconds, "drop": drop,
+                                         "share": share}
+
+
+def config_options(parser: argparse.ArgumentParser, config: type, only: tuple[str, ...] | None = None,
+                   skip: tuple[str, ...] = ()) -> None:
+    """The command-line options of a config dataclass, from its fields' Option metadata (captioning.config), each
+    in its group, in field order: a field's flag, help and default have one home, the field."""
+    for item in fields(config):
+        spec: Option | None = item.metadata.get("option")
+        if spec is None or item.name in skip or (only is not None and item.name not in only):
+            continue
+        how: dict[str, Any] = {"dest": item.name, "help": spec.help}
+        # Shown as the flag says it (--layers LAYERS), not as the field is named (NUM_LAYERS).
+        metavar = spec.metavar or (None if spec.choices else spec.flags[0].lstrip("-").replace("-", "_").upper())
+        if spec.kind == "flag":
+            how["action"] = "store_true"
+        elif spec.kind == "append":
+            how.update(action="append", default=[], metavar=metavar)
+        else:
+            how.update(type=TYPES[spec.kind], metavar=metavar, choices=spec.choices)
+            default = spec.default if spec.own_default else item.default
+            if default is MISSING:
+                how["required"] = True
+            else:
+                how["default"] = default // spec.unit if spec.unit != 1 and default is not None else default
+        group(parser, spec.group).add_argument(*spec.flags, **how)
+
+
+def config_values(args: argparse.Namespace, config: type) -> dict[str, Any]:
+    """The fields of a config dataclass that its options set, from parsed args (negated switches flipped, units
+    applied, repeatable options as tuples)."""
+    values: dict[str, Any] = {}
+    for item in fields(config):
+        spec: Option | None = item.metadata.get("option")
+        if spec is None or not hasattr(args, item.name):
+            continue
+        value = getattr(args, item.name)
+        if spec.negated:
+            value = not value
+        elif spec.kind == "append":
+            value = tuple(value)
+        elif spec.unit != 1 and value is not None:
+            value = value * spec.unit
+        values[item.name] = value
+    return values
+
+
 def manifest_options(parser: argparse.ArgumentParser, image: str = "image",
                      caption_help: str = "column with the reference caption") -> None:
     """--format and the column names of a manifest; image: the image column's default (--url-column when "url")."""
@@ -192,37 +238,20 @@ def generation_config(args: argparse.Namespace, attention: bool) -> GenerationCo
 
 
 def network_options(parser: argparse.ArgumentParser, s3: bool = True) -> None:
-    """The address guard, timeouts and (when s3) the S3 endpoint."""
-    defaults = FetchConfig()
-    network = group(parser, "network")
-    network.add_argument("--allow-private-networks", action="store_true",
-                         help="let URLs reach private, loopback and link-local addresses (off by default)")
-    network.add_argument("--allow-network", action="append", default=[], metavar="CIDR",
-                         help="let URLs reach this private network only (repeatable), e.g. 127.0.0.1/32")
-    network.add_argument("--timeout", type=seconds, default=defaults.read_timeout,
-                         help="read timeout per request, seconds")
-    network.add_argument("--deadline", type=seconds, default=defaults.deadline,
-                         help="total seconds per request, retries and redirects included")
+    """The address guard, timeouts and (when s3) the S3 endpoint and retry window."""
+    config_options(parser, FetchConfig)
     if s3:
-        storage = group(parser, "storage")
-        storage.add_argument("--s3-endpoint", default=None,
-                             help="S3-compatible endpoint for s3:// URIs (default: AWS_ENDPOINT_URL, else AWS itself)")
-        storage.add_argument("--storage-retry-window", type=seconds, default=StorageConfig().retry_window,
-                             metavar="SECONDS", help="how long each storage operation rides out an outage, "
-                             "throttling or 5xx answers (backoff with jitter) before the run stops with one error")
+        config_options(parser, StorageConfig)
 
 
 def fetch_config(args: argparse.Namespace) -> FetchConfig:
     """The FetchConfig of network_options."""
-    return FetchConfig(read_timeout=args.timeout, deadline=args.deadline,
-                       allow_private_networks=args.allow_private_networks, allowed_networks=tuple(args.allow_network))
+    return FetchConfig(**config_values(args, FetchConfig))
 
 
 def storage_config(args: argparse.Namespace) -> StorageConfig:
-    """The StorageConfig of network_options."""
-    defaults = StorageConfig()
-    return StorageConfig(s3_endpoint=getattr(args, "s3_endpoint", None),
-                         retry_window=getattr(args, "storage_retry_window", defaults.retry_window))
+    """The StorageConfig of network_options (its defaults where a command has no storage options)."""
+    return StorageConfig(**config_values(args, StorageConfig))
 
 
 ADDRESS_HELP = ("Ray cluster to run on: HOST:PORT of its GCS, or `auto` for the cluster started on this machine "
@@ -240,62 +269,28 @@ def ray_options(parser: argparse.ArgumentParser) -> None:
         help="no progress (default: bars on a terminal, a plain line every 10 s or 10%% in a log file)")
 
 
-def sharded_options(parser: argparse.ArgumentParser, stage: str, what: str) -> None:
-    """What the bulk and features jobs share: shards, the model stage's actor pool, what a fetch task may read
-    and decode. stage: what the actors are ("captioning", "backbone"); what: how local rows are treated."""
-    data = group(parser, "data")
-    data.add_argument("--shard-size", type=positive, default=defaults.SHARD_SIZE, help="rows per committed shard")
-    ray = group(parser, "Ray")
-    ray.add_argument("--actors", type=positive, default=defaults.ACTORS,
-                     help=f"{stage} actors (each loads its model once)")
-    ray.add_argument("--num-gpus", type=non_negative, default=defaults.NUM_GPUS, help=f"GPUs per {stage} actor")
-    ray.add_argument("--actor-cpus", type=non_negative, default=defaults.ACTOR_CPUS,
-                     help=f"CPUs Ray reserves per {stage} actor")
-    fetch_limits(parser, what)
+def sharded_options(parser: argparse.ArgumentParser, config: type) -> None:
+    """What the bulk and features jobs share (ShardedConfig's fields, config's own), and the pixel limit."""
+    config_options(parser, config, skip=("manifest", "model", "output"))
+    group(parser, "fetching").add_argument("--max-pixels", type=positive, default=BULK_IMAGE.max_pixels,
+                                           help="refuse images with more pixels than this")
 
 
-def sharded_config(args: argparse.Namespace) -> dict[str, Any]:
-    """The config fields of sharded_options (and the manifest, network and storage options they go with)."""
-    return {"spec": manifest_spec(args), "shard_size": args.shard_size, "actors": args.actors,
-            "num_gpus": args.num_gpus, "actor_cpus": args.actor_cpus, "fetch_threads": args.fetch_threads,
-            "allow_local_files": args.allow_local_files, "allow_s3_sources": args.allow_s3_sources,
-            "decode_memory": args.decode_memory * MIB, "image": bulk_image(args.max_pixels),
+def sharded_config(args: argparse.Namespace, config: type) -> dict[str, Any]:
+    """The fields of a sharded job's config: its options', the manifest's, the image limits, network and storage."""
+    return {**config_values(args, config), "spec": manifest_spec(args), "image": bulk_image(args.max_pixels),
             "fetch": fetch_config(args), "storage": storage_config(args)}
-
-
-def fetch_limits(parser: argparse.ArgumentParser, what: str) -> None:
-    """What a fetch task may read and decode: the bulk and features jobs' shared limits."""
-    fetch = group(parser, "fetching")
-    fetch.add_argument("--fetch-threads", type=positive, default=defaults.FETCH_THREADS,
-                       help="concurrent requests per fetch task")
-    fetch.add_argument("--allow-local-files", action="store_true",
-                       help="also read rows that are local paths or file:// URIs" + what)
-    fetch.add_argument("--allow-s3-sources", action="store_true",
-                       help="also read s3:// rows, with this job's credentials" + what)
-    fetch.add_argument("--max-pixels", type=positive, default=BULK_IMAGE.max_pixels,
-                       help="refuse images with more pixels than this")
-    fetch.add_argument("--decode-memory", type=positive, default=defaults.DECODE_MEMORY // MIB, metavar="MIB",
-                       help="decoded-image memory one fetch task may hold at once, MiB")
 
 
 # The Ray jobs' option sets -----------------------------------------------------------------------------------
 
 def batch_options(parser: argparse.ArgumentParser) -> None:
     """Options of `captioning batch` / `python -m jobs.batch`."""
-    data = group(parser, "data")
-    data.add_argument("--manifest", required=True, help="CSV/TSV/JSONL/Parquet or Conceptual Captions TSV (local/S3)")
-    data.add_argument("--model", required=True, help="model bundle directory or s3:// prefix, or "
-                      "registry+URI[@vNNNN]: the registry's current version (resolved once, kept in every row)")
-    data.add_argument("--output", required=True, help="output directory or s3:// prefix")
+    from captioning.bulk import BulkConfig  # noqa: PLC0415
+
+    config_options(parser, BulkConfig, only=("manifest", "model", "output"))
     manifest_options(parser, image="url", caption_help="reference caption, kept in the output")
-    sharded_options(parser, "captioning", " (off: a URL job reads no local file)")
-    data.add_argument("--no-attention", action="store_true", help="skip attention maps")
-    data.add_argument("--attention-png", type=int, default=0, metavar="N",
-                      help="also write overlay PNGs for the first N manifest rows")
-    data.add_argument("--retry-failed", action="store_true", help="redo only rows with transient failures")
-    ray = group(parser, "Ray")
-    ray.add_argument("--inference-threads", type=positive, default=None,
-                     help="TensorFlow threads per captioning actor (default: all CPUs of its node)")
+    sharded_options(parser, BulkConfig)
     ray_options(parser)
     generation_options(parser)
     network_options(parser)
@@ -305,39 +300,18 @@ def bulk_config(args: argparse.Namespace) -> Any:
     """The BulkConfig of batch_options."""
     from captioning.bulk import BulkConfig  # noqa: PLC0415
 
-    return BulkConfig(
-        manifest=args.manifest, model=args.model, output=args.output, **sharded_config(args),
-        batch_size=args.batch_size, inference_threads=args.inference_threads, attention=not args.no_attention,
-        attention_png=args.attention_png, retry_failed=args.retry_failed, precision=args.precision,
-        generation=generation_config(args, attention=not args.no_attention))
-
-
-def backbone_options(parser: argparse.ArgumentParser, seed_alias: bool = False) -> None:
-    """Which backbone embeds the images, its weights and the seed of a random one."""
-    defaults, model_defaults = TrainConfig(), ModelConfig()
-    model = group(parser, "model")
-    model.add_argument("--backbone", default=model_defaults.backbone, choices=BACKBONE_NAMES,
-                       help="frozen image backbone")
-    model.add_argument("--weights", default=defaults.weights,
-                       help="backbone weights: imagenet (downloaded by Keras), none (a seeded random backbone, "
-                       "for offline tests), or a .weights.h5 file")
-    model.add_argument("--backbone-seed", *(["--seed"] if seed_alias else []), dest="backbone_seed", type=int,
-                       default=defaults.backbone_seed,
-                       help="seed of a --weights none backbone, kept apart from the training seed so that training "
-                       "seeds compare on the same features")
+    values = sharded_config(args, BulkConfig)
+    return BulkConfig(**values, batch_size=args.batch_size, precision=args.precision,
+                      generation=generation_config(args, attention=values["attention"]))
 
 
 def features_options(parser: argparse.ArgumentParser) -> None:
     """Options of `captioning features` / `python -m jobs.features`."""
-    data = group(parser, "data")
-    data.add_argument("--manifest", required=True, help="CSV/TSV/JSONL/Parquet or Conceptual Captions TSV (local/S3)")
-    data.add_argument("--out", "--output", dest="output", required=True, help="output folder or s3:// prefix")
+    from captioning.featureset import FeaturesConfig  # noqa: PLC0415
+
+    config_options(parser, FeaturesConfig, only=("manifest", "output"))
     manifest_options(parser)
-    sharded_options(parser, "backbone", " (a manifest reads images of its own kind anyway: local beside a local "
-                    "manifest, s3:// beside one on S3)")
-    backbone_options(parser, seed_alias=True)
-    model = group(parser, "model")
-    model.add_argument("--batch-size", type=positive, default=64, help="images per backbone call")
+    sharded_options(parser, FeaturesConfig)
     ray_options(parser)
     network_options(parser)
 
@@ -346,9 +320,8 @@ def features_config(args: argparse.Namespace) -> Any:
     """The FeaturesConfig of features_options."""
     from captioning.featureset import FeaturesConfig  # noqa: PLC0415
 
-    return FeaturesConfig.reading_own_kind(
-        args.manifest, args.output, backbone=args.backbone, weights=args.weights, seed=args.backbone_seed,
-        batch_size=args.batch_size, **sharded_config(args))
+    values = sharded_config(args, FeaturesConfig)
+    return FeaturesConfig.reading_own_kind(values.pop("manifest"), values.pop("output"), **values)
 
 
 def train_options(parser: argparse.ArgumentParser) -> None:
@@ -367,99 +340,34 @@ def retrain_options(parser: argparse.ArgumentParser) -> None:
     """Options of `captioning retrain` / `python -m jobs.retrain`."""
     from jobs.retrain import RetrainConfig  # noqa: PLC0415  (its module parses with these options)
 
-    rule = {f.name: f.default for f in fields(RetrainConfig)}
-    data = group(parser, "data")
-    data.add_argument("--registry", required=True, help="model registry: folder or s3:// prefix")
-    data.add_argument("--data-prefix", required=True,
-                      help="folder or s3:// prefix of training manifests; those no version has seen are used")
-    data.add_argument("--holdout", required=True, help="fixed holdout manifest: the promotion decision's data")
-    data.add_argument("--val", required=True, help="fixed validation manifest (early stopping); not the holdout")
-    promotion = group(parser, "promotion")
-    promotion.add_argument("--tolerance", type=drop, default=rule["tolerance"],
-                           help="largest relative drop of holdout BLEU-4 or CIDEr that still promotes, in [0, 1)")
-    promotion.add_argument("--min-holdout-rows", type=positive, default=rule["min_rows"],
-                           help="scorable rows (captions and an image) the holdout and --val must each hold; checked "
-                                "before a version is claimed")
-    promotion.add_argument("--min-scored-share", type=share, default=rule["min_scored_share"],
-                           help="share of the holdout's rows that the candidate and its parent must both have "
-                                "scored for a promotion (1: every image)")
+    config_options(parser, RetrainConfig)
     training_options(parser)
 
 
 def training_options(parser: argparse.ArgumentParser) -> None:
     """Manifest columns, model and training settings, Ray Train scaling: shared by train and retrain."""
     manifest_options(parser)
-    defaults, model_defaults, scaling = TrainConfig(), ModelConfig(), Scaling()
-    data = group(parser, "data")
-    data.add_argument("--cache-dir", default=None, help="where features of manifests go (default: <out>/features)")
-    backbone_options(parser)
-    model = group(parser, "model")
-    model.add_argument("--vocab-size", type=positive, default=model_defaults.vocab_size,
-                       help="most frequent training words kept; the rest are [UNK], which is never scored nor "
-                       "generated")
-    model.add_argument("--max-length", type=positive, default=model_defaults.max_length,
-                       help="tokens per caption, [START] and [END] included (longer captions are cut)")
-    model.add_argument("--d-model", type=positive, default=model_defaults.d_model, help="decoder width")
-    model.add_argument("--layers", type=positive, default=model_defaults.num_layers, help="decoder layers")
-    model.add_argument("--heads", type=positive, default=model_defaults.num_heads,
-                       help="attention heads (must divide --d-model)")
-    model.add_argument("--dropout", type=float, default=model_defaults.dropout, help="decoder dropout rate")
-    model.add_argument("--precision", default="auto", choices=PRECISIONS,
-                       help="decoder compute precision (auto: mixed on GPUs, float16 with loss scaling; float32 on "
-                       "CPUs)")
-    training = group(parser, "training")
-    training.add_argument("--epochs", type=positive, default=defaults.epochs,
-                          help="most epochs; a rerun with a larger value continues the run")
-    training.add_argument("--batch-size", type=positive, default=defaults.batch_size,
-                          help="global batch: caption pairs per step over all workers")
-    training.add_argument("--learning-rate", type=seconds, default=defaults.learning_rate,
-                          help="Adam learning rate, not scaled with the worker count")
-    training.add_argument("--patience", type=positive, default=defaults.patience,
-                          help="epochs without a lower validation loss before early stopping (the best epoch's "
-                          "weights are kept)")
-    training.add_argument("--steps-per-epoch", type=positive, default=None,
-                          help="cap on steps per epoch, for quick runs (default: the whole training set)")
-    training.add_argument("--max-seconds", type=seconds, default=None,
-                          help="stop after the epoch that uses up this many seconds (default: no limit)")
-    training.add_argument("--seed", type=int, default=defaults.seed,
-                          help="training seed: initial decoder weights, dropout, shuffling")
-    training.add_argument("--shuffle-buffer", type=positive, default=defaults.shuffle_buffer,
-                          help="caption pairs mixed per worker (about 56 KiB each)")
-    training.add_argument("--checkpoint-every", type=positive, default=None, metavar="STEPS",
-                          help="also checkpoint every this many steps (default: at each epoch end only)")
-    ray = group(parser, "Ray")
-    ray.add_argument("--workers", type=int, default=0, help="Ray Train workers (0: train in this process)")
-    ray.add_argument("--gpus-per-worker", type=non_negative, default=scaling.gpus_per_worker,
-                     help="GPUs per Ray Train worker (one worker per GPU is the usual choice)")
-    ray.add_argument("--cpus-per-worker", type=non_negative, default=scaling.cpus_per_worker,
-                     help="CPUs Ray reserves per Ray Train worker")
-    ray.add_argument("--max-failures", type=int, default=scaling.max_failures,
-                     help="worker failures a Ray run recovers from, each from its last checkpoint")
-    ray.add_argument("--keep-checkpoints", type=positive, default=scaling.keep_checkpoints,
-                     help="Ray checkpoints kept, the lowest val_loss first")
+    config_options(parser, TrainConfig, only=("cache_dir",))
+    config_options(parser, ModelConfig)
+    config_options(parser, TrainConfig, skip=("cache_dir",))
+    config_options(parser, Scaling)
     ray_options(parser)
     network_options(parser)
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig of train_options."""
-    if args.d_model % args.heads:
-        raise CaptioningError("--d-model", f"{args.d_model} is not divisible by --heads {args.heads}")
-    model = ModelConfig(vocab_size=args.vocab_size, max_length=args.max_length, d_model=args.d_model,
-                        num_layers=args.layers, num_heads=args.heads, dropout=args.dropout, backbone=args.backbone)
-    return TrainConfig(model=model, weights=args.weights, epochs=args.epochs, batch_size=args.batch_size,
-                       learning_rate=args.learning_rate, patience=args.patience, seed=args.seed,
-                       backbone_seed=args.backbone_seed,
-                       shuffle_buffer=args.shuffle_buffer, checkpoint_every=args.checkpoint_every,
-                       precision=args.precision, max_seconds=args.max_seconds, cache_dir=args.cache_dir,
-                       steps_per_epoch=args.steps_per_epoch, fetch=fetch_config(args), storage=storage_config(args))
+    if args.d_model % args.num_heads:
+        raise CaptioningError("--d-model", f"{args.d_model} is not divisible by --heads {args.num_heads}")
+    return TrainConfig(**config_values(args, TrainConfig), model=ModelConfig(**config_values(args, ModelConfig)),
+                       fetch=fetch_config(args), storage=storage_config(args))
 
 
 def scaling(args: argparse.Namespace) -> Scaling:
     """The Scaling of train_options (workers 0: this process)."""
     if args.workers < 0:
         raise CaptioningError("--workers", f"expected 0 (this process) or more, got {args.workers}")
-    return Scaling(args.workers, args.gpus_per_worker, args.cpus_per_worker, args.max_failures, args.keep_checkpoints)
+    return Scaling(**config_values(args, Scaling))
 
 
 class Parser(argparse.ArgumentParser):

@@ -23,10 +23,10 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from captioning.config import Scaling, TrainConfig
+from captioning.config import Scaling, TrainConfig, option
 from captioning.errors import CaptioningError
 from captioning.manifest import ManifestSpec
-from jobs.options import (guarded, job_parser, log, manifest_spec, retrain_options, scaling, show_progress,
+from jobs.options import (config_values, guarded, job_parser, log, manifest_spec, retrain_options, scaling, show_progress,
                                 train_config)
 from captioning.lease import Lease, leased
 from captioning.registry import Registry, store_bundle
@@ -40,17 +40,24 @@ METRICS = ("bleu4", "cider")
 class RetrainConfig:
     """One retraining run: where data, registry and holdout are, the promotion rule, and the training settings."""
 
-    registry: str
-    data_prefix: str
-    holdout: str
-    val: str
+    registry: str = option("--registry", group="data", help="model registry: folder or s3:// prefix")
+    data_prefix: str = option("--data-prefix", group="data", help="folder or s3:// prefix of training manifests; "
+                              "those no version has seen are used")
+    holdout: str = option("--holdout", group="data", help="fixed holdout manifest: the promotion decision's data")
+    val: str = option("--val", group="data",
+                      help="fixed validation manifest (early stopping); not the holdout")
     train: TrainConfig
     spec: ManifestSpec = ManifestSpec()
-    tolerance: float = 0.02
+    tolerance: float = option("--tolerance", default=0.02, kind="drop", group="promotion",
+                              help="largest relative drop of holdout BLEU-4 or CIDEr that still promotes, in [0, 1)")
     scaling: Scaling = Scaling(workers=0)
     address: str | None = None
-    min_rows: int = 20  # scorable rows the holdout and the validation manifest must each hold
-    min_scored_share: float = 1.0  # of the holdout's scorable rows, scored by both candidate and parent
+    min_rows: int = option("--min-holdout-rows", default=20, kind="positive", group="promotion",
+                           help="scorable rows (captions and an image) the holdout and --val must each hold; checked "
+                           "before a version is claimed")
+    min_scored_share: float = option("--min-scored-share", default=1.0, kind="share", group="promotion",
+                                     help="share of the holdout's rows that the candidate and its parent must both "
+                                     "have scored for a promotion (1: every image)")
 
 
 def find_new(registry: Registry, data_prefix: str, storage: Storage) -> list[dict[str, Any]]:
@@ -170,17 +177,14 @@ def scorable_rows(manifest_uri: str, spec: ManifestSpec, storage: Storage) -> in
     return count
 
 
-def check_holdout(config: RetrainConfig, storage: Storage) -> int:
+def check_holdout(config: RetrainConfig, storage: Storage) -> None:
     """Before a version is claimed: the holdout and --val each hold at least min_rows scorable rows."""
-    counted = 0
-    for option, uri in (("--holdout", config.holdout), ("--val", config.val)):
-        rows = scorable_rows(uri, ManifestSpec() if option == "--val" else config.spec, storage)
+    for flag, uri in (("--holdout", config.holdout), ("--val", config.val)):
+        rows = scorable_rows(uri, ManifestSpec() if flag == "--val" else config.spec, storage)
         if rows < config.min_rows:
-            raise CaptioningError(uri, f"{option} has {rows} scorable row(s) (reference captions and an image that "
+            raise CaptioningError(uri, f"{flag} has {rows} scorable row(s) (reference captions and an image that "
                                   f"exists); the promotion gate needs at least {config.min_rows} "
                                   "(--min-holdout-rows)")
-        counted = counted or rows
-    return counted
 
 
 def combined_manifest(new: list[dict[str, Any]], spec: ManifestSpec, storage: Storage, out: Path) -> int:
@@ -330,10 +334,8 @@ def _train_and_decide(config: RetrainConfig, registry: Registry, version: str, p
 
 def retrain_config(args: argparse.Namespace) -> RetrainConfig:
     """The RetrainConfig of retrain_options."""
-    return RetrainConfig(registry=args.registry, data_prefix=args.data_prefix, holdout=args.holdout, val=args.val,
-                         train=train_config(args), spec=manifest_spec(args), tolerance=args.tolerance,
-                         scaling=scaling(args), address=args.address, min_rows=args.min_holdout_rows,
-                         min_scored_share=args.min_scored_share)
+    return RetrainConfig(**config_values(args, RetrainConfig), train=train_config(args), spec=manifest_spec(args),
+                         scaling=scaling(args), address=args.address)
 
 
 def command(args: argparse.Namespace) -> int:

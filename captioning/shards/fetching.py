@@ -15,7 +15,8 @@ from captioning.fetch import TRANSIENT_REASONS, Fetcher
 from captioning.images import DecodeBudget, decode_with_size, read_source
 from captioning.manifest import SCHEME
 from captioning.shards.payloads import FetchedRow, FetchedShard, PlannedRow, ShardInput
-from captioning.shards.plan import ShardedJob, read_planned
+from captioning.shards.config import ShardedJob
+from captioning.shards.plan import read_planned
 from captioning.shards.timings import StageClock
 from captioning.shards.writer import Writer
 from captioning.storage import Storage

@@ -6,42 +6,18 @@ import json
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
-from typing import Any, Protocol
+from typing import Any
 
-from captioning.config import FetchConfig, ImageConfig, StorageConfig
 from captioning.errors import CaptioningError
 from captioning.fetch import TRANSIENT_REASONS
-from captioning.manifest import ManifestSpec, iter_rows
+from captioning.manifest import iter_rows
+from captioning.shards.config import ShardedJob
 from captioning.shards.layout import COMMITTED, PLAN, input_uri, marker_uri, shard_name, uri
 from captioning.shards.payloads import PlannedRow
 from captioning.storage import Storage
 
 PLAN_WRITERS = 16  # concurrent shard-input writes while planning
 PLAN_VERSION = 1
-
-
-class ShardedJob(Protocol):
-    """What the engine reads of a job's config: the fields the bulk and features configs share."""
-
-    manifest: str
-    output: str
-    spec: ManifestSpec
-    shard_size: int
-    retry_failed: bool
-    fetch_threads: int
-    allow_local_files: bool
-    allow_s3_sources: bool
-    decode_memory: int
-    actors: int
-    actor_cpus: float
-    num_gpus: float
-    lease_stale_after: float
-    fetch: FetchConfig
-    image: ImageConfig
-    storage: StorageConfig
-
-    def plan_extra(self) -> dict[str, Any]:
-        """Job-specific plan fields: a rerun that changes any of them is refused."""
 
 
 def shard_count(rows: int, shard_size: int) -> int:

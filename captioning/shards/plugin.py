@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable, ClassVar
 
 from captioning.shards.payloads import Committed, FetchedShard, Payload
-from captioning.shards.plan import ShardedJob
+from captioning.shards.config import ShardedJob
 from captioning.shards.writer import Writer
 from captioning.storage import Storage
 

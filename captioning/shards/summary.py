@@ -9,7 +9,8 @@ from typing import Any, Callable
 
 from captioning.errors import CaptioningError
 from captioning.shards.layout import COMMITTED, SUCCESS, uri
-from captioning.shards.plan import ShardedJob, shard_count, shard_rows
+from captioning.shards.config import ShardedJob
+from captioning.shards.plan import shard_count, shard_rows
 from captioning.storage import Storage
 
 

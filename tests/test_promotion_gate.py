@@ -91,7 +91,8 @@ def write(path: Path, rows: list[dict]) -> str:
 @pytest.fixture
 def place(tmp_path):
     data = tmp_path / "data"
-    write(data / "m1.jsonl", rows_at(tmp_path / "images", 6)) if data.mkdir() is None else None
+    data.mkdir()
+    write(data / "m1.jsonl", rows_at(tmp_path / "images", 6))
     holdout = write(tmp_path / "holdout.jsonl", rows_at(tmp_path / "holdout-images", 4, missing=3))
     val = write(tmp_path / "val.jsonl", rows_at(tmp_path / "val-images", 4))
     return tmp_path, RetrainConfig(registry=str(tmp_path / "registry"), data_prefix=str(data), holdout=holdout,

@@ -131,17 +131,22 @@ def test_models_commands_and_registry_consumers(trained_bundle, synthetic_data, 
     assert info["parent"] == "v0001" and info["bundle"].endswith("versions/v0002/model")
 
 
+def promoted_child(registry: Registry, bundle, synthetic_data, decision: str) -> str:
+    """A promoted first version and a child of it scored on the holdout against it; returns the child."""
+    first = add_bundle(registry, str(bundle), {"decision": "promoted: first version"})
+    registry.promote(first, "first")
+    return add_bundle(registry, str(bundle), {
+        "decision": decision, "manifests": [{"uri": "s3://b/incoming/day2.jsonl"}],
+        "holdout": {"manifest": str(synthetic_data["test"]), "scores": {"bleu4": 0.31, "cider": 0.9},
+                    "parent_scores": {"bleu4": 0.30, "cider": 1.0}}})
+
+
 def test_the_html_report_shows_lineage_scores_curves_and_a_gallery_whose_images_exist(
         trained_bundle, synthetic_data, tmp_path, capsys):
     from html.parser import HTMLParser
 
     registry = Registry(str(tmp_path / "reg"))
-    first = add_bundle(registry, str(trained_bundle), {"decision": "promoted: first"})
-    registry.promote(first, "first")
-    second = add_bundle(registry, str(trained_bundle), {
-        "decision": "promoted: <better> & kept", "manifests": [{"uri": "s3://b/incoming/day2.jsonl"}],
-        "holdout": {"manifest": str(synthetic_data["test"]), "scores": {"bleu4": 0.31, "cider": 0.9},
-                    "parent_scores": {"bleu4": 0.30, "cider": 1.0}}})
+    second = promoted_child(registry, trained_bundle, synthetic_data, "promoted: <better> & kept")
     code = main(["models", "show", second, "--registry", str(tmp_path / "reg"), "--html", str(tmp_path / "page"),
                  "--gallery", "3"])
     assert code == 0, capsys.readouterr().err
@@ -175,12 +180,7 @@ def test_the_report_page_loads_in_a_real_browser_with_every_image_and_no_console
     if chromium is None:
         pytest.skip(f"no headless browser: {why}")
     registry = Registry(str(tmp_path / "reg"))
-    first = add_bundle(registry, str(trained_bundle), {"decision": "promoted: first version"})
-    registry.promote(first, "first")
-    second = add_bundle(registry, str(trained_bundle), {
-        "decision": "promoted: bleu4 0.3100 vs 0.3000", "manifests": [{"uri": "s3://b/incoming/day2.jsonl"}],
-        "holdout": {"manifest": str(synthetic_data["test"]), "scores": {"bleu4": 0.31, "cider": 0.9},
-                    "parent_scores": {"bleu4": 0.30, "cider": 1.0}}})
+    second = promoted_child(registry, trained_bundle, synthetic_data, "promoted: bleu4 0.3100 vs 0.3000")
     page = main_report(registry, second, tmp_path / "page")
     shot = tmp_path / "report.png"
     seen = open_page(chromium, page.as_uri(), shot)

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import IO, Any, Iterator
 
 from captioning.errors import ManifestError
-from captioning.fetch import is_url
 from captioning.storage import Storage, StorageError, is_s3, local_path
 
 FORMATS = ("csv", "tsv", "cc-tsv", "jsonl", "parquet")
@@ -181,6 +180,8 @@ def _looks_like_cc_tsv(path: str, spec: ManifestSpec) -> bool:
             first = handle.readline().rstrip("\r\n").split("\t")
     except (OSError, EOFError, UnicodeDecodeError, zlib.error):
         return False  # the reader proper reports it
+    from captioning.fetch import is_url  # noqa: PLC0415  (urllib3: only when a headerless TSV is sniffed)
+
     return spec.image_column not in first and len(first) == 2 and is_url(first[1].strip())
 
 

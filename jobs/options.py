@@ -286,7 +286,7 @@ def sharded_config(args: argparse.Namespace, config: type) -> dict[str, Any]:
 
 def batch_options(parser: argparse.ArgumentParser) -> None:
     """Options of `captioning batch` / `python -m jobs.batch`."""
-    from captioning.bulk import BulkConfig  # noqa: PLC0415
+    from captioning.bulk_config import BulkConfig  # noqa: PLC0415
 
     config_options(parser, BulkConfig, only=("manifest", "model", "output"))
     manifest_options(parser, image="url", caption_help="reference caption, kept in the output")
@@ -298,7 +298,7 @@ def batch_options(parser: argparse.ArgumentParser) -> None:
 
 def bulk_config(args: argparse.Namespace) -> Any:
     """The BulkConfig of batch_options."""
-    from captioning.bulk import BulkConfig  # noqa: PLC0415
+    from captioning.bulk_config import BulkConfig  # noqa: PLC0415
 
     values = sharded_config(args, BulkConfig)
     return BulkConfig(**values, batch_size=args.batch_size, precision=args.precision,
@@ -307,7 +307,7 @@ def bulk_config(args: argparse.Namespace) -> Any:
 
 def features_options(parser: argparse.ArgumentParser) -> None:
     """Options of `captioning features` / `python -m jobs.features`."""
-    from captioning.featureset import FeaturesConfig  # noqa: PLC0415
+    from captioning.featureset_config import FeaturesConfig  # noqa: PLC0415
 
     config_options(parser, FeaturesConfig, only=("manifest", "output"))
     manifest_options(parser)
@@ -318,7 +318,7 @@ def features_options(parser: argparse.ArgumentParser) -> None:
 
 def features_config(args: argparse.Namespace) -> Any:
     """The FeaturesConfig of features_options."""
-    from captioning.featureset import FeaturesConfig  # noqa: PLC0415
+    from captioning.featureset_config import FeaturesConfig  # noqa: PLC0415
 
     values = sharded_config(args, FeaturesConfig)
     return FeaturesConfig.reading_own_kind(values.pop("manifest"), values.pop("output"), **values)

@@ -113,7 +113,7 @@ class Storage:
         """This storage (same client) with another retry window: a short one where waiting is pointless."""
         from dataclasses import replace  # noqa: PLC0415
 
-        return Storage(replace(self.config, retry_window=seconds), self._s3.given_client)
+        return Storage(replace(self.config, retry_window=seconds), self._s3.built_client)
 
     def arrow_location(self, uri: str) -> tuple[str, Any]:
         """(path, pyarrow filesystem) for uri, with this storage's endpoint and the standard AWS credentials:

@@ -32,8 +32,12 @@ class S3Backend:
 
     def __init__(self, config: StorageConfig, client: Any = None) -> None:
         self.config = config
-        self.given_client = client
         self._client = client
+
+    @property
+    def built_client(self) -> Any:
+        """The client if one was given or has been built, else None (nothing is built to answer)."""
+        return self._client
 
     @property
     def client(self) -> Any:

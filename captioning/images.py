@@ -9,6 +9,7 @@ from contextlib import contextmanager, nullcontext
 from typing import ContextManager, Iterator
 
 import numpy as np
+import simplejpeg
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from captioning.config import ImageConfig
@@ -79,16 +80,43 @@ def decode_cost(image: Image.Image) -> int:
     return width * height * (stored + (0 if image.mode == "RGB" else 4))
 
 
+# EXIF orientation -> the Pillow transpose that makes the image upright (as ImageOps.exif_transpose does).
+ORIENTATIONS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
+                7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+EXIF_ORIENTATION = 0x0112
+
+
 def decode_with_size(data: bytes, source: str, config: ImageConfig,
                      budget: DecodeBudget | None = None) -> tuple[np.ndarray, tuple[int, int]]:
     """Image bytes -> (uint8 array (size, size, 3), (width, height) as stored, before orientation or draft)."""
     with _decode_errors(source):
         image = _checked(data, source, config, draft=True)
         with _reserved(budget, decode_cost(image)):
-            image.load()
-            ImageOps.exif_transpose(image, in_place=True)
-            rgb = to_rgb(image).resize((config.size, config.size), Image.Resampling.BILINEAR)
+            if image.format == "JPEG" and image.mode in ("RGB", "L"):
+                rgb = _turbo_jpeg(data, image)
+            else:
+                image.load()
+                ImageOps.exif_transpose(image, in_place=True)
+                rgb = to_rgb(image)
+            rgb = rgb.resize((config.size, config.size), Image.Resampling.BILINEAR)
             return np.asarray(rgb, dtype=np.uint8), image.info["stored_size"]
+
+
+def _turbo_jpeg(data: bytes, header: Image.Image) -> Image.Image:
+    """A YCbCr or greyscale JPEG decoded by libjpeg-turbo outside the GIL, upright, as RGB.
+
+    The DCT-domain scale is the one Pillow's draft() chose for header, so that the pixels are the ones the Pillow
+    path gives (training decodes through here too: no skew between the features trained on and served).
+    CMYK/YCCK JPEGs (Adobe's inverted CMYK) stay with Pillow.
+    """
+    width, height = header.info["stored_size"]
+    scale = max(1, round(width / header.size[0]))  # draft() made the size ceil(stored / scale), scale in 1, 2, 4, 8
+    pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_factor=scale, min_width=-(-width // scale),
+                                    min_height=-(-height // scale))
+    image = Image.fromarray(pixels, "RGB")
+    orientation = header.getexif().get(EXIF_ORIENTATION)
+    return image.transpose(ORIENTATIONS[orientation]) if orientation in ORIENTATIONS else image
 
 
 def open_image(data: bytes, source: str, config: ImageConfig, draft: bool = False) -> Image.Image:

@@ -2,11 +2,12 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from captioning.config import ImageConfig
 from captioning.errors import CaptioningError, ImageError
-from captioning.images import decode_image, decode_with_size, load_image
+from captioning import images
+from captioning.images import decode_image, decode_with_size, load_image, to_rgb
 
 CONFIG = ImageConfig(size=32)
 
@@ -120,3 +121,71 @@ def test_decode_budget_bounds_the_bytes_in_flight():
     assert not any(t.is_alive() for t in threads) and budget.in_use == 0 and len(seen) == 5
     # Never two 60s at once (120 > 100), and the oversized one only ever alone.
     assert all(level in (60, 500) for level in seen), seen
+
+
+def pillow_reference(data: bytes, size: int) -> np.ndarray:
+    """What Pillow alone gives for the same bytes: draft, decode, upright, RGB, bilinear resize."""
+    image = Image.open(io.BytesIO(data))
+    image.draft("RGB", (size, size))
+    image.load()
+    image = ImageOps.exif_transpose(image)
+    return np.asarray(to_rgb(image).resize((size, size), Image.Resampling.BILINEAR), dtype=np.int16)
+
+
+def photo(width: int, height: int, mode: str = "RGB") -> Image.Image:
+    """A smooth picture with edges (JPEG's kind of content), different in every quadrant so rotations show."""
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([255 * x / width, 255 * y / height, 128 + 100 * np.sin(x / 9.0) * np.cos(y / 7.0)], -1)
+    rgb[: height // 3, : width // 4] = (250, 20, 20)
+    return Image.fromarray(rgb.clip(0, 255).astype(np.uint8), "RGB").convert(mode)
+
+
+@pytest.mark.parametrize("case", ["plain", "exif-rotated", "cmyk", "greyscale", "draft-scaled", "odd-size-draft"])
+def test_turbo_decode_gives_pillows_pixels(case):
+    exif = Image.Exif()
+    if case == "exif-rotated":
+        exif[0x0112] = 6
+    size, (width, height), mode = 96, (160, 120), "RGB"
+    if case == "cmyk":
+        mode = "CMYK"
+    elif case == "greyscale":
+        mode = "L"
+    elif case == "draft-scaled":
+        width, height = 800, 600  # Pillow's draft decodes at 1/2 scale; the turbo path must pick the same
+    elif case == "odd-size-draft":
+        width, height = 1601, 811  # ceil sizes at 1/8 scale
+    data = encode(photo(width, height, mode), "JPEG", exif=exif, quality=90)
+    ours, stored = decode_with_size(data, "x", ImageConfig(size=size))
+    reference = pillow_reference(data, size)
+    assert stored == (width, height)
+    assert ours.shape == reference.shape == (size, size, 3)
+    # libjpeg-turbo either way: equal up to IDCT rounding (0 here); decoding 800x600 at full scale instead of
+    # Pillow's 1/2 already differs by 0.43 on average, a wrong rotation by far more.
+    assert np.abs(ours.astype(np.int16) - reference).mean() < 0.05
+    assert np.abs(ours.astype(np.int16) - reference).max() <= 2
+
+
+def test_turbo_decode_keeps_the_orientation_of_every_exif_value():
+    image = photo(90, 60)
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        data = encode(image, "JPEG", exif=exif, quality=95)
+        ours = decode_image(data, "x", ImageConfig(size=48)).astype(np.int16)
+        assert np.abs(ours - pillow_reference(data, 48)).mean() < 0.05, orientation
+
+
+def test_turbo_decode_refuses_a_truncated_jpeg_as_corrupt():
+    data = encode(photo(200, 150), "JPEG")
+    with pytest.raises(ImageError) as err:
+        decode_image(data[: len(data) // 2], "cut.jpg", ImageConfig(size=64))
+    assert err.value.reason == "corrupt_image" and "cut.jpg" in str(err.value)
+
+
+def test_only_ycbcr_and_greyscale_jpegs_take_the_turbo_path(monkeypatch):
+    calls = []
+    decode = images.simplejpeg.decode_jpeg
+    monkeypatch.setattr(images.simplejpeg, "decode_jpeg", lambda *a, **k: calls.append(k) or decode(*a, **k))
+    for mode, fmt in [("RGB", "JPEG"), ("L", "JPEG"), ("CMYK", "JPEG"), ("RGB", "PNG"), ("RGB", "WEBP")]:
+        decode_image(encode(photo(64, 48, mode), fmt), "x", ImageConfig(size=32))
+    assert len(calls) == 2 and all(call["colorspace"] == "RGB" for call in calls)

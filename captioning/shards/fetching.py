@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -15,6 +17,7 @@ from captioning.fetch import TRANSIENT_REASONS, Fetcher
 from captioning.images import DecodeBudget, decode_with_size, read_source
 from captioning.manifest import SCHEME
 from captioning.shards.payloads import FetchedRow, FetchedShard, PlannedRow, ShardInput
+from captioning.shards import defaults
 from captioning.shards.config import ShardedJob
 from captioning.shards.plan import read_planned
 from captioning.shards.timings import StageClock
@@ -80,6 +83,22 @@ class RowLoader:
         return out, None
 
 
+def lower_priority(niceness: int = defaults.FETCH_NICENESS) -> None:
+    """Make the calling thread yield the CPU to the model stage (Linux: a thread's own nice value).
+
+    The model actors are the scarce stage and fetching has shards of slack, yet on a busy node the kernel shares
+    the cores evenly: a fetch pool decoding beside an actor that imports TensorFlow or runs the backbone slows
+    that actor, and with it the job. Only the pool's own threads are lowered (they end with the shard), so the
+    worker process, which Ray may later give to an actor, keeps its priority.
+    """
+    if niceness and hasattr(os, "setpriority"):
+        try:
+            thread = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, thread, max(niceness, os.getpriority(os.PRIO_PROCESS, thread)))
+        except OSError:
+            pass  # not permitted here: fetch at normal priority
+
+
 def fetch_shard(item: ShardInput, config: ShardedJob, writer: Writer) -> FetchedShard:
     """Fetch and decode every row of one shard, many requests at once; failures become row statuses.
 
@@ -97,7 +116,7 @@ def fetch_shard(item: ShardInput, config: ShardedJob, writer: Writer) -> Fetched
             kept = table.filter(pc.invert(pc.is_in(table["status"], pa.array(sorted(TRANSIENT_REASONS)))))
     keep = set(kept["row"].to_pylist()) if kept is not None else set()
     load = RowLoader(config, storage)
-    with ThreadPoolExecutor(config.fetch_threads) as pool:
+    with ThreadPoolExecutor(config.fetch_threads, initializer=lower_priority) as pool:
         loaded = list(pool.map(load, [r for r in rows if r.row not in keep]))
     images = [image for _, image in loaded if image is not None]
     for work in ("fetch", "decode"):

@@ -98,6 +98,7 @@ class CaptionShard:
         captioned: list[CaptionedRow] = []
         maps: list[np.ndarray] = []
         offset = 0
+        first: StageRecord | None = None  # when this shard's first captions were ready: start-up to first row
         for start in range(0, len(images), self.batch_size):
             began = time.perf_counter()
             with clock.measure("backbone"):
@@ -106,6 +107,7 @@ class CaptionShard:
             with clock.measure("decoder"):
                 out = self.generator(features)
             seconds = (time.perf_counter() - began) / len(out.captions)
+            first = first or StageRecord("first_batch", clock.span[0], time.time())
             for i, caption in enumerate(out.captions):
                 row = good[start + i]
                 result = CaptionedRow(row.row, caption, float(out.scores[i]), seconds)
@@ -118,7 +120,8 @@ class CaptionShard:
                         result.attention_png = self._overlay(images[start + i], caption, out.attention[i], row.id)
                 captioned.append(result)
         attention = np.concatenate(maps) if maps else np.zeros((0, 7, 7), np.float16)
-        return Captioned(**shard.passed_on(clock.finish("caption"), self.init_record), captions=captioned,
+        records = [clock.finish("caption"), self.init_record, *([first] if first else [])]
+        return Captioned(**shard.passed_on(*records), captions=captioned,
                          attention=attention, model_version=self.bundle.version)
 
     @property
@@ -244,7 +247,8 @@ class Captioning(Plugin):
         if summary["stages"]:
             stages = summary["stages"]
             log("ms per image: " + ", ".join(f"{k} {v:.1f}" for k, v in stages["ms_per_image"].items())
-                + f"; start-up {stages['startup_seconds']:.1f} s; bound by {stages['bound_by']} ({stages['why']})")
+                + f"; start-up {stages['startup_seconds']:.1f} s (first captions after "
+                f"{stages['first_row_seconds'] or 0:.1f} s); bound by {stages['bound_by']} ({stages['why']})")
 
 
 def read_output(output: str, storage: Storage | None = None) -> Iterator[dict]:

@@ -11,7 +11,8 @@ from captioning.shards.timings import WORK, StageClock, StageRecord, merge, stag
 def shard(start: float, fetch: float, caption: float, write: float, seconds: dict) -> dict:
     """The merged timing record of one shard whose stages ran back to back from `start`."""
     spans = {"fetch": [start, start + fetch], "caption": [start + fetch, start + fetch + caption],
-             "write": [start + fetch + caption, start + fetch + caption + write], "actor_init": [1.0, 4.0]}
+             "write": [start + fetch + caption, start + fetch + caption + write], "actor_init": [1.0, 4.0],
+             "first_batch": [start + fetch, start + fetch + caption / 4]}
     return {"spans": spans, "seconds": seconds}
 
 
@@ -38,6 +39,7 @@ def test_busy_actors_mean_inference_bounds_the_job():
     assert report["startup_seconds"] == pytest.approx(4.0)
     assert report["startup_before_actors_seconds"] == pytest.approx(1.0)
     assert report["actor_init_seconds"] == pytest.approx(3.0)
+    assert report["first_row_seconds"] == pytest.approx(4.25)  # the first shard's first batch, a quarter in
     assert report["steady_images_per_second"] == pytest.approx(100.0)
     assert report["ms_per_image"]["backbone"] == pytest.approx(8.0) and set(report["ms_per_image"]) == set(WORK)
 

@@ -74,6 +74,7 @@ def stage_report(timings: list[dict], images: int, actors: int, started: float) 
     captions = [t["spans"]["caption"] for t in timings]
     first, last = min(s for s, _ in captions), max(e for _, e in captions)
     inits = [t["spans"]["actor_init"] for t in timings if "actor_init" in t["spans"]]
+    firsts = [t["spans"]["first_batch"][1] for t in timings if "first_batch" in t["spans"]]
     busy = sum(e - s for s, e in captions) / max(actors * (last - first), 1e-9)
     if images == 0:
         bound, why = "nothing captioned", "every row failed before reaching the caption actors"
@@ -92,6 +93,8 @@ def stage_report(timings: list[dict], images: int, actors: int, started: float) 
         # Of which: Ray and Ray Data starting the pipeline, then the first actor loading the model and tracing.
         "startup_before_actors_seconds": round(min(s for s, _ in inits) - started, 3) if inits else None,
         "actor_init_seconds": round(min(e - s for s, e in inits), 3) if inits else None,
+        "first_row_seconds": round(min(firsts) - started, 3) if firsts else None,
+        "first_row_at": min(firsts) if firsts else None,  # epoch seconds: a caller can time from its own start
         "steady_images_per_second": round(images / max(last - first, 1e-9), 2),
         "caption_busy": round(busy, 3),
         "bound_by": bound,

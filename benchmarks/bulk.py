@@ -1,28 +1,33 @@
-"""Bulk-job benchmark: N images served from loopback, end to end into SeaweedFS, against the ceiling and a baseline.
+"""Bulk-job benchmark: images served from loopback, end to end into SeaweedFS, against its ceilings and its peer.
 
 In one run, on the same model and images:
-  * ceiling  - backbone-only images/s (MobileNetV3Small forward alone, batch 128, images already decoded);
-  * baseline - seed-style: sequential download, one image at a time, full-recompute generation (a subset);
-  * the job  - `jobs.batch.run` on local Ray at N=1,000 and N=5,000, output to a SeaweedFS bucket,
-               with the peak resident memory of all processes (driver + Ray workers) for each N;
-  * stages   - per-row fetch and inference seconds from the output, to say what bounds the pipeline.
+  * ceilings  - backbone only (MobileNetV3Small forward alone, images already decoded, best batch size), and the
+                CPU budget: the cores divided by the core-ms per image of every stage of the job measured alone
+                (benchmarks/costs.py: fetch, decode, backbone, decoder, payloads, write, and the servers);
+  * baseline  - seed-style: sequential download, one image at a time, full-recompute generation (a subset);
+  * the peer  - the pipeline Ray Data's batch-inference docs teach (benchmarks/recipe.py), alternating with the
+                job on the same N images: both rates and their ratio;
+  * the job   - `jobs.batch.run` on local Ray at each --sizes N, with CPU core-ms per image by process group
+                (psutil: model actors, fetch/write tasks, the driver, Ray's own processes) and peak memory;
+  * start-up  - the `captioning batch` command as a user types it (fresh local Ray): seconds from the command to
+                its first captioned row, beside `import tensorflow` + loading the bundle alone (the floor);
+  * faults    - the job at N=--fault-size with 0%, 5% and 25% of storage requests failing (half `503 SlowDown`,
+                half connections dropped without an answer, by a proxy in front of SeaweedFS);
+  * --big     - N=20,000: end to end against the CPU-budget ceiling, memory against N=5,000.
 
-  * faults   - the job at N=--fault-size with 0%, 5% and 25% of storage requests failing (half `503 SlowDown`,
-               half connections dropped without an answer, by a proxy in front of SeaweedFS): rows/s, and
-               every row exactly once.
-
-    python benchmarks/bulk.py                   # N = 1000 and 5000
-    python benchmarks/bulk.py --sizes 200 500   # quicker
+    python benchmarks/bulk.py                        # N = 1000 and 5000, peer at 5000
+    python benchmarks/bulk.py --sizes 500 --peer-size 1000 --faults   # quicker
+    python benchmarks/bulk.py --big                  # and N = 20,000
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -31,6 +36,7 @@ from captioning import console  # noqa: E402
 console.setup("warning")  # TensorFlow's start-up lines hidden; the figures below are the output
 
 import numpy as np  # noqa: E402
+import psutil  # noqa: E402
 
 from captioning.bulk import BulkConfig, read_output  # noqa: E402
 from captioning.bundle import load_bundle  # noqa: E402
@@ -45,97 +51,14 @@ from ops.demo import DEMO_CONFIG  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from costs import ProcessCPU, Sampler, stage_costs  # noqa: E402
 from generation import seed_style_caption  # noqa: E402
+from recipe import run_recipe  # noqa: E402
 
 from tests.faults import FaultProxy  # noqa: E402
 
 LOOPBACK = FetchConfig(allowed_networks=("127.0.0.1/32",))
-
-
-def process_tree(root: int) -> dict[int, tuple[str, float]]:
-    """(command line, CPU seconds) of a process and all its descendants, from /proc (Linux)."""
-    parents: dict[int, int] = {}
-    info: dict[int, tuple[str, float]] = {}
-    tick = os.sysconf("SC_CLK_TCK")
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = open(f"/proc/{entry}/stat").read()
-            fields = stat[stat.rindex(")") + 2 :].split()
-            cmdline = open(f"/proc/{entry}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
-            parents[int(entry)] = int(fields[1])
-            info[int(entry)] = (cmdline.strip(), (int(fields[11]) + int(fields[12])) / tick)
-        except (OSError, ValueError, IndexError):
-            continue
-    tree, frontier = {root}, [root]
-    while frontier:
-        parent = frontier.pop()
-        for pid, ppid in parents.items():
-            if ppid == parent and pid not in tree:
-                tree.add(pid)
-                frontier.append(pid)
-    return {pid: info[pid] for pid in tree if pid in info}
-
-
-def group(pid: int, cmdline: str) -> str:
-    """Which part of the benchmark a process belongs to."""
-    if pid == os.getpid():
-        return "driver (job driver + this benchmark's own TensorFlow)"
-    if "weed" in cmdline.split(" ", 1)[0]:
-        return "SeaweedFS"
-    if "http.server" in cmdline:
-        return "image server"
-    return "Ray (workers, actors, raylet, GCS)"
-
-
-def pss(pid: int) -> int:
-    """Proportional set size in bytes: shared pages (Ray's object store) counted once across processes."""
-    try:
-        for line in open(f"/proc/{pid}/smaps_rollup"):
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def cpu_by_process(before: dict, after: dict) -> dict[str, float]:
-    """CPU seconds spent between two process_tree snapshots, summed by process name."""
-    spent: dict[str, float] = {}
-    for pid, (cmdline, cpu) in after.items():
-        name = cmdline[:48]
-        spent[name] = spent.get(name, 0.0) + cpu - (before[pid][1] if pid in before else 0.0)
-    return dict(sorted(spent.items(), key=lambda kv: -kv[1]))
-
-
-class PeakMemory:
-    """Samples, every 2 s, the summed PSS of this process and its descendants, in total and by group."""
-
-    def __init__(self) -> None:
-        self.peak = 0
-        self.peaks: dict[str, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            groups: dict[str, int] = {}
-            for pid, (cmdline, _) in process_tree(os.getpid()).items():
-                name = group(pid, cmdline)
-                groups[name] = groups.get(name, 0) + pss(pid)
-            self.peak = max(self.peak, sum(groups.values()))
-            for name, size in groups.items():
-                self.peaks[name] = max(self.peaks.get(name, 0), size)
-            time.sleep(2.0)  # reading /proc costs ~40 ms of CPU: sample gently
-
-    def __enter__(self) -> "PeakMemory":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+CORES = len(os.sched_getaffinity(0))
 
 
 # A quiet keep-alive static file server, in its own process so its CPU shows apart from the job's driver.
@@ -156,11 +79,146 @@ def serve(folder: Path) -> tuple[subprocess.Popen, str]:
     return process, f"http://127.0.0.1:{process.stdout.readline().strip()}"
 
 
+def job_config(manifest: Path, model: str, output: str, args: argparse.Namespace, **extra) -> BulkConfig:
+    """The job as the benchmark runs it: defaults, but for loopback fetching and the benchmark's knobs."""
+    return BulkConfig(str(manifest), model, output, ManifestSpec(image_column="url"), fetch=LOOPBACK,
+                      batch_size=args.batch_size, actors=args.actors, inference_threads=args.inference_threads,
+                      actor_cpus=args.actor_cpus, **extra)
+
+
+def write_manifest(out: Path, name: str, urls: list[str]) -> Path:
+    """A url-column CSV of urls."""
+    path = out / f"manifest-{name}.csv"
+    path.write_text("url\n" + "".join(f"{u}\n" for u in urls))
+    return path
+
+
+def run_job(config: BulkConfig, cpu: ProcessCPU, storage: Storage) -> dict:
+    """The job once, with CPU by process group and peak memory sampled while it runs."""
+    from jobs.batch import run  # noqa: PLC0415
+
+    with Sampler(cpu) as sampler:
+        start = time.perf_counter()
+        summary = run(config, log=lambda _: None, progress=False)
+        seconds = time.perf_counter() - start
+    rows = list(read_output(config.output, storage))
+    n = len(rows)
+    return {"n": n, "seconds": seconds, "images_per_s": n / seconds, "stages": summary["stages"],
+            "ok": sum(r["status"] == "ok" for r in rows), "exactly_once": len({r["row"] for r in rows}) == n,
+            "attention": sum(r["attention_length"] is not None for r in rows),
+            "core_ms": {k: 1000 * v / n for k, v in sampler.spent().items()}, "peak_pss_mib": sampler.peak_pss / 2**20}
+
+
+def print_job(label: str, r: dict, ceilings: dict) -> None:
+    """One job run's lines: rate against the ceilings, start-up, stages, CPU by group, memory."""
+    stages = r["stages"]
+    print(f"{label}: {r['images_per_s']:.1f} images/s end to end ({r['seconds']:.0f} s, {r['ok']} ok, attention for "
+          f"{r['attention']}, exactly once: {'yes' if r['exactly_once'] else 'NO'}); "
+          f"{r['images_per_s'] / ceilings['cpu_budget']:.0%} of the CPU-budget ceiling; peak memory (PSS) "
+          f"{r['peak_pss_mib']:.0f} MiB", flush=True)
+    print(f"  start-up {stages['startup_seconds']:.1f} s ({stages['startup_before_actors_seconds']:.1f} s before the "
+          f"actor's model load, {stages['actor_init_seconds']:.1f} s loading and tracing it; first captions at "
+          f"{stages['first_row_seconds']:.1f} s), then {stages['steady_images_per_second']:.1f} images/s steady, "
+          f"caption actors busy {stages['caption_busy']:.0%}", flush=True)
+    print("  wall ms per image in the job: " + ", ".join(f"{k} {v:.1f}" for k, v in stages["ms_per_image"].items())
+          + " (fetch: latency summed over requests in flight)", flush=True)
+    total = sum(r["core_ms"].values())
+    print(f"  CPU core-ms per image by process ({total:.1f} in all, start-up included): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in r["core_ms"].items() if v >= 0.01), flush=True)
+
+
+def measure_ceilings(args: argparse.Namespace, bundle, examples, urls: list[str], model: str, out: Path,
+                     server: psutil.Process, seaweed: psutil.Process) -> dict:
+    """Backbone-only ceiling (best batch size) and the CPU-budget ceiling (every stage alone, summed)."""
+    images = np.stack([decode_image(Path(ex.image).read_bytes(), ex.image, ImageConfig()) for ex in examples[:512]])
+    sweep = {}
+    for batch in (16, 32, 64, 128):
+        bundle.backbone(images[:batch])
+        for _ in range(3):
+            start = time.perf_counter()
+            for i in range(0, len(images), batch):
+                bundle.backbone(images[i : i + batch])
+            sweep[batch] = max(sweep.get(batch, 0.0), len(images) / (time.perf_counter() - start))
+    print("backbone only, images/s by batch size: " + ", ".join(f"{b}: {r:.0f}" for b, r in sweep.items()),
+          flush=True)
+    size = min(args.costs_size, len(urls))
+    config = job_config(write_manifest(out, f"costs-{size}", urls[:size]), model,
+                        f"s3://bench/costs-{int(time.time())}", args).resolved(Storage()).with_absolute_paths()
+    stages = stage_costs(config, server, seaweed)
+    servers = ("image server", "SeaweedFS")
+    job_own = sum(v for k, v in stages.items() if k not in servers)
+    non_backbone = job_own - stages["backbone"]
+    budget = CORES * 1000 / sum(stages.values())
+    print(f"core-ms per image of each stage alone ({size} images, the job's code and batch size): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()), flush=True)
+    print(f"  the job's own {job_own:.2f} core-ms per image; non-backbone {non_backbone:.2f} = "
+          f"{non_backbone / stages['backbone']:.2f}x the backbone's (target <= 0.5x: "
+          f"{'met' if non_backbone <= 0.5 * stages['backbone'] else 'NOT met'})", flush=True)
+    print(f"ceilings: backbone only {max(sweep.values()):.1f} images/s; CPU budget {budget:.1f} images/s "
+          f"({CORES} cores / {sum(stages.values()):.2f} core-ms, the servers on the same cores included)", flush=True)
+    return {"backbone_only": max(sweep.values()), "backbone_sweep": sweep, "cpu_budget": budget,
+            "stage_core_ms": stages, "non_backbone_share": non_backbone / stages["backbone"]}
+
+
+def measure_startup(model: str, urls: list[str], out: Path) -> dict:
+    """The command as a user types it (its own fresh local Ray), timed to its first captioned row, beside the
+    floor: a fresh Python importing TensorFlow and loading the bundle, nothing else."""
+    floor_code = ("import time, sys; t = time.time(); import tensorflow; from captioning.bundle import load_bundle; "
+                  "load_bundle(sys.argv[1]); print(time.time() - t)")
+    floors = [float(subprocess.run([sys.executable, "-c", floor_code, model], capture_output=True, text=True,
+                                   check=True).stdout.split()[-1]) for _ in range(2)]
+    manifest = write_manifest(out, "startup", urls[:256])
+    output = out / f"startup-{int(time.time())}"
+    command = [str(Path(sys.executable).parent / "captioning"), "batch", "--manifest", str(manifest), "--model", model,
+               "--output", str(output), "--allow-network", "127.0.0.1/32", "--no-progress"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    launched = time.time()
+    subprocess.run(command, check=True, capture_output=True, env=env)
+    done = time.time() - launched
+    summary = json.loads((output / "_SUCCESS.json").read_text())
+    first = summary["stages"]["first_row_at"] - launched
+    print(f"start-up, local manifest: first captioned row {first:.1f} s after the command (target 8 s), all 256 rows "
+          f"{done:.1f} s; floor (import tensorflow + load the bundle, alone) {min(floors):.1f} s", flush=True)
+    return {"first_row_seconds": first, "command_seconds": done, "floor_seconds": min(floors)}
+
+
+def compare_with_recipe(args: argparse.Namespace, model: str, urls: list[str], out: Path, seaweed: SeaweedServer,
+                        cpu: ProcessCPU, storage: Storage, ceilings: dict) -> dict:
+    """The docs recipe and the job, alternating, on the same N images."""
+    size = min(args.peer_size, len(urls))
+    manifest = write_manifest(out, f"peer-{size}", urls[:size])
+    recipe, job = [], []
+    for turn in range(args.peer_runs):
+        with Sampler(cpu) as sampler:
+            seconds = run_recipe(str(manifest), model, f"s3://bench/recipe-{turn}-{int(time.time())}",
+                                 seaweed.endpoint.removeprefix("http://"), batch_size=args.batch_size or 32,
+                                 actors=args.actors)
+        recipe.append({"images_per_s": size / seconds, "seconds": seconds,
+                       "core_ms": {k: 1000 * v / size for k, v in sampler.spent().items()}})
+        print(f"recipe (Ray Data docs), N={size}, run {turn + 1}: {size / seconds:.1f} images/s ({seconds:.0f} s); "
+              "CPU core-ms per image: " + ", ".join(f"{k} {v:.2f}" for k, v in recipe[-1]["core_ms"].items()
+                                                     if v >= 0.01), flush=True)
+        job.append(run_job(job_config(manifest, model, f"s3://bench/peer-{turn}-{int(time.time())}", args), cpu,
+                           storage))
+        print_job(f"job, N={size}, run {turn + 1}", job[-1], ceilings)
+    job_rate = float(np.mean([r["images_per_s"] for r in job]))
+    recipe_rate = float(np.mean([r["images_per_s"] for r in recipe]))
+    print(f"the job against the recipe at N={size}: {job_rate:.1f} vs {recipe_rate:.1f} images/s = "
+          f"{job_rate / recipe_rate:.2f}x (target >= 1.5x: {'met' if job_rate >= 1.5 * recipe_rate else 'NOT met'})",
+          flush=True)
+    return {"n": size, "recipe": recipe, "job": job, "ratio": job_rate / recipe_rate}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/bench-bulk")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000])
-    parser.add_argument("--baseline-images", type=int, default=200)
+    parser.add_argument("--sizes", type=int, nargs="*", default=[1000], help="job runs beside the peer's")
+    parser.add_argument("--peer-size", type=int, default=5000, help="N of the recipe-against-job comparison")
+    parser.add_argument("--peer-runs", type=int, default=2, help="alternating runs of each")
+    parser.add_argument("--costs-size", type=int, default=1024, help="images for the per-stage costs")
+    parser.add_argument("--baseline-images", type=int, default=100)
+    parser.add_argument("--big", action="store_true", help="also N=20,000 (generates 20,000 images first)")
+    parser.add_argument("--no-startup", action="store_true", help="skip the start-up measurement")
     parser.add_argument("--model", default=None, help="bundle (default: train a small one first)")
     parser.add_argument("--actors", type=int, default=1)
     parser.add_argument("--inference-threads", type=int, default=None)
@@ -171,7 +229,7 @@ def main() -> int:
     parser.add_argument("--fault-size", type=int, default=1000, help="rows per faults run")
     args = parser.parse_args()
     out = Path(args.out).resolve()
-    biggest = max(args.sizes)
+    biggest = max([*args.sizes, args.peer_size, args.costs_size, 20000 if args.big else 0])
     data = synthetic.generate(out / "data", {"train": 1200, "val": 100, "test": biggest}, progress=False)
     if args.model is None:
         from captioning.train import train  # noqa: PLC0415
@@ -179,85 +237,58 @@ def main() -> int:
         config = DEMO_CONFIG.__class__(**{**DEMO_CONFIG.__dict__, "epochs": 4, "cache_dir": str(out / "cache")})
         train(read_manifest(data["train"]), read_manifest(data["val"]), out / "model", config, progress=False,
               log=lambda _: None)
-    model = args.model or str(out / "model")
+    model = str(Path(args.model or out / "model").resolve())
     bundle = load_bundle(model)
     server, base = serve(data["test"].parent)
     examples = read_manifest(data["test"]).examples
     urls = [f"{base}/{Path(ex.image).relative_to(data['test'].parent).as_posix()}" for ex in examples]
+    results: dict = {"cores": CORES}
+    try:
+        # Baseline: sequential download, one image at a time, full-recompute generation.
+        fetcher = Fetcher(LOOPBACK)
+        n = args.baseline_images
+        start = time.perf_counter()
+        for url in urls[:n]:
+            seed_style_caption(bundle, decode_image(fetcher.get(url).data, url, ImageConfig()))
+        results["baseline"] = baseline = n / (time.perf_counter() - start)
+        print(f"seed-style baseline: {baseline:.2f} images/s on {n} images", flush=True)
+        if not args.no_startup:
+            results["startup"] = measure_startup(model, urls, out)
 
-    # Ceiling: backbone only, on images already decoded, at its fastest batch size (best of three passes each).
-    images = np.stack([decode_image(Path(ex.image).read_bytes(), ex.image, ImageConfig()) for ex in examples[:512]])
-    sweep = {}
-    for batch in (16, 32, 64, 128):
-        bundle.backbone(images[:batch])
-        for _ in range(3):
-            start = time.perf_counter()
-            for i in range(0, len(images), batch):
-                bundle.backbone(images[i : i + batch])
-            sweep[batch] = max(sweep.get(batch, 0.0), len(images) / (time.perf_counter() - start))
-    ceiling = max(sweep.values())
-    print("backbone only, images/s by batch size: " + ", ".join(f"{b}: {r:.0f}" for b, r in sweep.items()),
-          flush=True)
+        import ray  # noqa: PLC0415
 
-    # Baseline: sequential download, one image at a time, full-recompute generation.
-    fetcher = Fetcher(LOOPBACK)
-    n = args.baseline_images
-    start = time.perf_counter()
-    for url in urls[:n]:
-        seed_style_caption(bundle, decode_image(fetcher.get(url).data, url, ImageConfig()))
-    baseline = n / (time.perf_counter() - start)
-    print(f"backbone only: {ceiling:.1f} images/s (ceiling); seed-style baseline: {baseline:.2f} images/s "
-          f"on {n} images", flush=True)
-
-    import ray  # noqa: PLC0415
-
-    from jobs.batch import run  # noqa: PLC0415
-
-    results = []
-    with SeaweedServer(out / "seaweed") as seaweed:
-        seaweed.create_bucket("bench")
-        os.environ.update(seaweed.env())  # Ray workers inherit the credentials
-        # A fresh local Ray, never the cluster this machine last recorded (which may be long gone).
-        ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-        storage = Storage(client=seaweed.client())
-        for size in sorted(args.sizes):
-            manifest = out / f"manifest-{size}.csv"
-            manifest.write_text("url\n" + "".join(f"{u}\n" for u in urls[:size]))
-            config = BulkConfig(str(manifest), model, f"s3://bench/run-{size}-{int(time.time())}",
-                                ManifestSpec(image_column="url"), shard_size=256, fetch=LOOPBACK,
-                                batch_size=args.batch_size, actors=args.actors,
-                                inference_threads=args.inference_threads, actor_cpus=args.actor_cpus)
-            cpu_before = process_tree(os.getpid())
-            with PeakMemory() as memory:
-                start = time.perf_counter()
-                summary = run(config, log=lambda _: None, progress=False)
-                seconds = time.perf_counter() - start
-            cpu = cpu_by_process(cpu_before, process_tree(os.getpid()))
-            print("CPU seconds by process: " + ", ".join(f"{k!r} {v:.1f}" for k, v in cpu.items() if v > 0.5))
-            ok = sum(r["status"] == "ok" for r in read_output(config.output, storage))
-            stages = summary["stages"]
-            results.append({"n": size, "images_per_s": size / seconds, "seconds": seconds,
-                            "peak_pss_mib": memory.peak / 2**20,
-                            "peak_pss_mib_by_group": {k: v / 2**20 for k, v in memory.peaks.items()}, "ok": ok, "stages": stages, "cpu_seconds": cpu})
-            r = results[-1]
-            print(f"N={size}: {r['images_per_s']:.1f} images/s end to end ({seconds:.0f} s, {ok} ok), "
-                  f"{r['images_per_s'] / ceiling:.0%} of the ceiling, {r['images_per_s'] / baseline:.1f}x the "
-                  f"baseline; peak memory (PSS) {r['peak_pss_mib']:.0f} MiB: "
-                  + ", ".join(f"{k} {v:.0f}" for k, v in r["peak_pss_mib_by_group"].items()), flush=True)
-            print(f"  start-up {stages['startup_seconds']:.1f} s ({stages['startup_before_actors_seconds']:.1f} s "
-                  f"before the actors started, {stages['actor_init_seconds']:.1f} s loading and tracing the model), then {stages['steady_images_per_second']:.1f} "
-                  f"images/s ({stages['steady_images_per_second'] / ceiling:.0%} of the ceiling); ms per image: "
-                  + ", ".join(f"{k} {v:.1f}" for k, v in stages["ms_per_image"].items())
-                  + f" (fetch: latency, {config.fetch_threads} in flight per task)", flush=True)
-            print(f"  bound by {stages['bound_by']}: {stages['why']}", flush=True)
-        faults = fault_table(args, model, urls, out, seaweed, storage)
-        ray.shutdown()
-    server.terminate()
-    last = results[-1]
-    print(f"target >= 70% of the ceiling: {'met' if last['images_per_s'] >= 0.7 * ceiling else 'NOT met'}; "
-          f"target >= 20x the baseline: {'met' if last['images_per_s'] >= 20 * baseline else 'NOT met'}")
-    (out / "results.json").write_text(json.dumps({"ceiling": ceiling, "baseline": baseline, "runs": results,
-                                                  "faults": faults}, indent=2))
+        with SeaweedServer(out / "seaweed") as seaweed:
+            seaweed.create_bucket("bench")
+            os.environ.update(seaweed.env())  # Ray workers inherit the credentials
+            storage = Storage(client=seaweed.client())
+            weed = next(p for p in psutil.Process().children(recursive=True) if "weed" in p.name())
+            results["ceilings"] = ceilings = measure_ceilings(args, bundle, examples, urls, model, out,
+                                                              psutil.Process(server.pid), weed)
+            # A fresh local Ray, never the cluster this machine last recorded (which may be long gone).
+            ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            logging.getLogger("ray.data").setLevel(logging.WARNING)  # the recipe's plan lines; figures only
+            cpu = ProcessCPU([server.pid])
+            results["peer"] = compare_with_recipe(args, model, urls, out, seaweed, cpu, storage, ceilings)
+            results["runs"] = []
+            for size in sorted(set(args.sizes + ([20000] if args.big else []))):
+                manifest = write_manifest(out, str(size), urls[:size])
+                results["runs"].append(run_job(job_config(manifest, model, f"s3://bench/run-{size}-{int(time.time())}",
+                                                          args), cpu, storage))
+                print_job(f"job, N={size}", results["runs"][-1], ceilings)
+            if args.big:
+                big = results["runs"][-1]
+                near = min(results["runs"] + results["peer"]["job"], key=lambda r: abs(r["n"] - 5000))
+                print(f"N=20,000: {big['images_per_s'] / ceilings['cpu_budget']:.0%} of the CPU-budget ceiling "
+                      f"(target >= 80%); peak memory {big['peak_pss_mib']:.0f} MiB against {near['peak_pss_mib']:.0f} "
+                      f"MiB at N={near['n']}", flush=True)
+            results["faults"] = fault_table(args, model, urls, out, seaweed, storage) if args.faults else []
+            ray.shutdown()
+    finally:
+        server.terminate()
+    print(f"seed-style baseline {results['baseline']:.2f} images/s; the job at N={results['peer']['n']} is "
+          f"{np.mean([r['images_per_s'] for r in results['peer']['job']]) / results['baseline']:.0f}x it")
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     return 0
 
 

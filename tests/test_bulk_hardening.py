@@ -287,3 +287,22 @@ def test_file_ids_never_leave_their_folder():
     for hostile in ("../../x", "/etc/passwd", "..", ".", "a/b", "x" * 300, "", "c:\\win", "\x00"):
         name = file_id(hostile)
         assert name.startswith("id-") and "/" not in name and "\\" not in name and len(name) < 40
+
+
+def test_a_fetched_shard_records_what_fetching_and_decoding_cost_in_cpu(images, tmp_path):
+    server = LoopbackServer()
+    try:
+        for i in range(4):
+            server.routes[f"/{i}.jpg"] = Reply(200, images[i].read_bytes())
+        server.routes["/gone.jpg"] = Reply(404, b"no")
+        config, storage = stage_config(server, tmp_path, [server.url(f"/{i}.jpg") for i in range(4)]
+                                       + [server.url("/gone.jpg")])
+        plan_shards(config, storage)
+        fetched = fetch_shard(ShardInput(0), config, CaptionWriter(config))
+    finally:
+        server.close()
+    seconds = fetched.timing[0].seconds
+    assert [r.status for r in fetched.rows].count("ok") == 4
+    # Thread CPU clocks, beside the wall times: positive, and no more than the threads' wall time in each.
+    assert 0 < seconds["decode_cpu"] <= seconds["decode"] + 0.01
+    assert 0 < seconds["fetch_cpu"] <= seconds["fetch"] + 0.01

@@ -55,20 +55,30 @@ class RowLoader:
         self.config, self.storage = config, storage
         self.fetcher = Fetcher(config.fetch)
         self.budget = DecodeBudget(config.decode_memory)
+        # CPU seconds the loading threads spent (their own thread clocks): wall times under contention say how
+        # long a row waited, these what it cost.
+        self.cpu = {"fetch_cpu": 0.0, "decode_cpu": 0.0}
+        self._lock = threading.Lock()
+
+    def _spent(self, work: str, since: float) -> None:
+        with self._lock:
+            self.cpu[work] += time.thread_time() - since
 
     def __call__(self, row: PlannedRow) -> tuple[FetchedRow, np.ndarray | None]:
         out = FetchedRow(**asdict(row))
         if row.error:
             out.status = "bad_row"
             return out, None
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         try:
             source = admit(row.url, row.source, self.config)
             data = read_source(source, self.fetcher, self.storage, max_bytes=self.config.fetch.max_bytes)
             out.fetch_seconds = time.perf_counter() - start
-            start = time.perf_counter()
+            self._spent("fetch_cpu", cpu)
+            start, cpu = time.perf_counter(), time.thread_time()
             image, (out.width, out.height) = decode_with_size(data, redact(source), self.config.image, self.budget)
             out.decode_seconds = time.perf_counter() - start
+            self._spent("decode_cpu", cpu)
             return out, image
         except CaptioningError as err:
             out.status, out.error = err.reason, str(err)
@@ -80,6 +90,7 @@ class RowLoader:
         else:
             out.fetch_seconds = spent
         out.width = out.height = None
+        self._spent("decode_cpu" if out.fetch_seconds else "fetch_cpu", cpu)
         return out, None
 
 
@@ -121,6 +132,8 @@ def fetch_shard(item: ShardInput, config: ShardedJob, writer: Writer) -> Fetched
     images = [image for _, image in loaded if image is not None]
     for work in ("fetch", "decode"):
         clock.add(work, sum(getattr(row, f"{work}_seconds") for row, _ in loaded))
+    for work, seconds in load.cpu.items():
+        clock.add(work, seconds)
     size = config.image.size
     return FetchedShard(shard=item.shard, attempt=attempt, first_row=rows[0].index, last_row=rows[-1].index,
                         rows=[row for row, _ in loaded],

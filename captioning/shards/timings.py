@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 WORK = ("fetch", "decode", "backbone", "decoder", "write")
+CPU_WORK = ("fetch_cpu", "decode_cpu")  # the fetch threads' own CPU clocks: what fetching and decoding cost
 # The caption actors are the expensive, scarce stage: when they are busy nearly all the time, they bound
 # the job; when they sit idle, images are not arriving fast enough (or results are not leaving).
 BUSY_ENOUGH = 0.85
@@ -70,7 +71,7 @@ def stage_report(timings: list[dict], images: int, actors: int, started: float) 
     """Seconds and ms/image per kind of work, start-up, steady rate, caption-actor busy share, bounding stage."""
     if not timings:
         return {}
-    seconds = {work: sum(t["seconds"].get(work, 0.0) for t in timings) for work in WORK}
+    seconds = {work: sum(t["seconds"].get(work, 0.0) for t in timings) for work in WORK + CPU_WORK}
     captions = [t["spans"]["caption"] for t in timings]
     first, last = min(s for s, _ in captions), max(e for _, e in captions)
     inits = [t["spans"]["actor_init"] for t in timings if "actor_init" in t["spans"]]

@@ -120,8 +120,13 @@ def print_job(label: str, r: dict, ceilings: dict) -> None:
           f"actor's model load, {stages['actor_init_seconds']:.1f} s loading and tracing it; first captions at "
           f"{stages['first_row_seconds']:.1f} s), then {stages['steady_images_per_second']:.1f} images/s steady, "
           f"caption actors busy {stages['caption_busy']:.0%}", flush=True)
-    print("  wall ms per image in the job: " + ", ".join(f"{k} {v:.1f}" for k, v in stages["ms_per_image"].items())
+    ms = stages["ms_per_image"]
+    print("  wall ms per image in the job: " + ", ".join(f"{k} {v:.1f}" for k, v in ms.items() if "cpu" not in k)
           + " (fetch: latency summed over requests in flight)", flush=True)
+    alone = ceilings["stage_core_ms"]["decode"]
+    print(f"  the fetch threads' CPU per image in the job: fetch {ms['fetch_cpu']:.2f} core-ms, decode "
+          f"{ms['decode_cpu']:.2f} = {ms['decode_cpu'] / alone:.2f}x its cost alone (target <= 1.5x: "
+          f"{'met' if ms['decode_cpu'] <= 1.5 * alone else 'NOT met'})", flush=True)
     total = sum(r["core_ms"].values())
     print(f"  CPU core-ms per image by process ({total:.1f} in all, start-up included): "
           + ", ".join(f"{k} {v:.2f}" for k, v in r["core_ms"].items() if v >= 0.01), flush=True)

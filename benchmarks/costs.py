@@ -166,8 +166,10 @@ def stage_costs(config, server: psutil.Process, seaweed: psutil.Process) -> dict
     fetch = core_ms(lambda: fetched.extend(fetch_shard(ShardInput(s), config, writer) for s in todo), n, [server])
     images = np.concatenate([shard.images for shard in fetched])
     stage.bundle.backbone(images[: stage.batch_size])
-    backbone = core_ms(lambda: [stage.bundle.backbone(images[i : i + stage.batch_size]).numpy()
-                                for i in range(0, len(images), stage.batch_size)], n)
+    features: list[np.ndarray] = []
+    backbone = core_ms(lambda: features.extend(stage.bundle.backbone(images[i : i + stage.batch_size]).numpy()
+                                               for i in range(0, len(images), stage.batch_size)), n)
+    decoder = core_ms(lambda: [stage.generator(batch) for batch in features], n)
     captioned: list[Captioned] = []
     caption = core_ms(lambda: captioned.extend(stage(shard) for shard in fetched), n)
     # What Ray moves between the stages: each payload to its row and back.
@@ -175,5 +177,8 @@ def stage_costs(config, server: psutil.Process, seaweed: psutil.Process) -> dict
     write = core_ms(lambda: [writer.write(shard) for shard in captioned], n, [seaweed])
     return {"fetch (HTTP client)": fetch["core_ms"] - decode["core_ms"], "image server": fetch["others_core_ms"][0],
             "decode": decode["core_ms"], "backbone": backbone["core_ms"],
-            "decoder": caption["core_ms"] - backbone["core_ms"], "payloads to and from Ray": payloads["core_ms"],
+            "decoder": decoder["core_ms"],
+            "caption stage's own (batching, attention maps)": max(0.0, caption["core_ms"] - backbone["core_ms"]
+                                                                   - decoder["core_ms"]),
+            "payloads to and from Ray": payloads["core_ms"],
             "write (Parquet, attention, marker)": write["core_ms"], "SeaweedFS": write["others_core_ms"][0]}

@@ -2,6 +2,7 @@
 
 SHARD_SIZE = 256  # manifest rows per shard: one input file, one commit, one output file
 FETCH_THREADS = 32  # requests in flight per fetch task
+DECODE_THREADS = 2  # decoding threads per fetch task: libjpeg-turbo runs outside the GIL, one per core here
 FETCH_NICENESS = 10  # fetch threads' nice value: the model actors, the scarce stage, get the cores first
 DECODE_MEMORY = 512 * 1024 * 1024  # decoded-pixel bytes one fetch task may hold at once
 ACTORS = 1  # model-stage actors, each loading its model once

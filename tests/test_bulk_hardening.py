@@ -306,3 +306,37 @@ def test_a_fetched_shard_records_what_fetching_and_decoding_cost_in_cpu(images, 
     # Thread CPU clocks, beside the wall times: positive, and no more than the threads' wall time in each.
     assert 0 < seconds["decode_cpu"] <= seconds["decode"] + 0.01
     assert 0 < seconds["fetch_cpu"] <= seconds["fetch"] + 0.01
+
+
+def test_bodies_waiting_for_the_decoders_are_bounded_by_the_fetch_threads(images, tmp_path, monkeypatch):
+    server = LoopbackServer()
+    waiting, most = [0], [0]
+    lock = __import__("threading").Lock()
+    real_fetch, real_decode = fetching.RowLoader.fetch, fetching.RowLoader.decode
+
+    def fetch(self, row):
+        out = real_fetch(self, row)
+        with lock:
+            waiting[0] += 1
+            most[0] = max(most[0], waiting[0])
+        return out
+
+    def slow_decode(self, *fetched):
+        __import__("time").sleep(0.02)  # decoding slower than fetching: bodies would pile up unbounded
+        with lock:
+            waiting[0] -= 1
+        return real_decode(self, *fetched)
+
+    monkeypatch.setattr(fetching.RowLoader, "fetch", fetch)
+    monkeypatch.setattr(fetching.RowLoader, "decode", slow_decode)
+    try:
+        for i in range(40):
+            server.routes[f"/{i}.jpg"] = Reply(200, images[i % len(images)].read_bytes())
+        config, storage = stage_config(server, tmp_path, [server.url(f"/{i}.jpg") for i in range(40)],
+                                       fetch_threads=4)
+        plan_shards(config, storage)
+        fetched = fetch_shard(ShardInput(0), config, CaptionWriter(config))
+    finally:
+        server.close()
+    assert [r.status for r in fetched.rows] == ["ok"] * 40 and len(fetched.images) == 40
+    assert most[0] <= 4

@@ -7,6 +7,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -146,9 +147,24 @@ def fetch_shard(item: ShardInput, config: ShardedJob, writer: Writer) -> Fetched
     load = RowLoader(config, storage)
     with ThreadPoolExecutor(config.fetch_threads, initializer=lower_priority) as fetch_pool, \
             ThreadPoolExecutor(defaults.DECODE_THREADS, initializer=lower_priority) as decode_pool:
-        # Each row goes to the decoders as soon as its bytes arrive; results come back in row order.
+        # Each row goes to the decoders as soon as its bytes arrive; results come back in row order. At most
+        # fetch_threads bodies are held between download and decode, as when each thread decoded its own.
+        held = threading.BoundedSemaphore(config.fetch_threads)
+
+        def decode_and_release(*fetched: Any) -> tuple[FetchedRow, np.ndarray | None]:
+            try:
+                return load.decode(*fetched)
+            finally:
+                held.release()
+
         def fetch_then_decode(row: PlannedRow) -> Future:
-            return decode_pool.submit(load.decode, *load.fetch(row))
+            held.acquire()
+            try:
+                fetched = load.fetch(row)
+            except BaseException:
+                held.release()
+                raise
+            return decode_pool.submit(decode_and_release, *fetched)
 
         decoding = list(fetch_pool.map(fetch_then_decode, [r for r in rows if r.row not in keep]))
         loaded = [future.result() for future in decoding]

@@ -29,6 +29,7 @@ console.setup("warning")
 import psutil  # noqa: E402
 
 from captioning.bulk import BulkConfig, read_output  # noqa: E402
+from captioning.bundle import MANIFEST  # noqa: E402
 from captioning.config import FetchConfig  # noqa: E402
 from captioning.datasets import synthetic  # noqa: E402
 from captioning.manifest import ManifestSpec  # noqa: E402
@@ -100,7 +101,7 @@ def main() -> int:
     args = parser.parse_args()
     out = Path(args.out).resolve()
     model = str(Path(args.model or "runs/bench-bulk/model").resolve())
-    if not Path(model, "manifest.json").exists():
+    if not Path(model, MANIFEST).exists():
         print(f"error: {model}: no model bundle; run benchmarks/bulk.py first or pass --model", file=sys.stderr)
         return 2
     images = out / "sources"

@@ -92,7 +92,6 @@ class Sampler:
 
         self.cpu = cpu
         self.last: dict[int, tuple[str, float]] = {}
-        self.first: dict[int, tuple[str, float]] = {}
         self.peak_pss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -100,7 +99,6 @@ class Sampler:
     def _sample(self) -> None:
         now = self.cpu.snapshot()
         for pid, value in now.items():
-            self.first.setdefault(pid, value)
             self.last[pid] = value
         total = 0
         for pid in now:

@@ -75,12 +75,12 @@ class CaptionShard:
     """Actor-side stage: loads the bundle once, then captions each shard's decoded images in batches."""
 
     def __init__(self, config: BulkConfig) -> None:
+        self.started = time.time()  # before importing TensorFlow: its import is part of the actor's start-up
         from captioning.bundle import load_bundle  # noqa: PLC0415  (TensorFlow only inside the actors)
         from captioning.devices import has_gpu, resolve_batch_size, use_cpu_threads  # noqa: PLC0415
         from captioning.generate import Generator  # noqa: PLC0415
 
-        self.started = time.time()
-        use_cpu_threads(config.inference_threads)  # before any TensorFlow op runs
+        use_cpu_threads(config.inference_threads, config.actor_cpus)  # before any TensorFlow op runs
         self.config = config
         self.storage = Storage(config.storage)
         self.batch_size = resolve_batch_size(config.batch_size)

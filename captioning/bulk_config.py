@@ -24,8 +24,8 @@ class BulkConfig(ShardedConfig):
     spec: ManifestSpec = field(default_factory=lambda: ManifestSpec(image_column="url"))
     batch_size: int | None = None  # None: the fastest size for the device (captioning/devices.py)
     inference_threads: int | None = option("--inference-threads", default=None, kind="positive", group="Ray",
-                                           help="TensorFlow threads per captioning actor (default: all CPUs of its "
-                                           "node)")
+                                           help="TensorFlow threads per captioning actor (default: the CPUs it "
+                                           "reserves, --actor-cpus rounded up; all CPUs of its node if none)")
     buffered_shards: int = 8  # decoded shards held in Ray's object store per captioning actor: bounds memory
     attention: bool = option("--no-attention", default=True, kind="flag", negated=True, group="data",
                              help="skip attention maps")

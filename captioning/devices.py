@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import tensorflow as tf
@@ -48,13 +49,16 @@ def resolve_batch_size(batch_size: int | None) -> int:
     return GPU_BATCH_SIZE if has_gpu() else CPU_BATCH_SIZE
 
 
-def use_cpu_threads(threads: int | None) -> int:
-    """Set TensorFlow's op threads (before any op runs); None: every CPU this process may run on.
+def use_cpu_threads(threads: int | None, reserved: float = 0.0) -> int:
+    """Set TensorFlow's op threads (before any op runs): as asked, else the CPUs reserved for this process
+    (rounded up), else every CPU it may run on.
 
-    Ray sets OMP_NUM_THREADS=1 in a 1-CPU actor, which slows the backbone by ~12% here; the actor's CPU
-    reservation is a scheduling hint, and the fetch tasks beside it mostly wait on the network.
+    An actor that spreads its ops over every core of a shared node takes them from the fetch and write tasks
+    beside it, and its threads then spin waiting for each other: on 2 cores, one actor with 1 thread captioned
+    149.6 and 151.0 images/s steady against 141.8 and 138.0 with 2 (benchmarks/bulk.py, 2026-12-03), at 7.4-7.9
+    core-ms per image against 9.1-9.4.
     """
-    threads = threads or len(os.sched_getaffinity(0))
+    threads = threads or (math.ceil(reserved) if reserved > 0 else len(os.sched_getaffinity(0)))
     try:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
     except RuntimeError:  # TensorFlow already ran ops in this process (a stage used in-process): keep its pool

@@ -83,11 +83,11 @@ class EmbedShard:
     """Actor-side stage: loads the feature set's backbone once, then turns each shard's images into features."""
 
     def __init__(self, config: FeaturesConfig, backbone: Any = None) -> None:
+        self.started = time.time()  # before importing TensorFlow: its import is part of the actor's start-up
         from captioning.devices import use_cpu_threads  # noqa: PLC0415
 
-        self.started = time.time()
         if backbone is None:
-            use_cpu_threads(None)
+            use_cpu_threads(None, config.actor_cpus)
         self.config = config
         self.backbone = backbone or load_backbone(config.output, Storage(config.storage))
         self.ready = time.time()

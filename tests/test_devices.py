@@ -36,3 +36,13 @@ def test_cpu_threads_are_set_for_tensorflow_even_under_rays_one_thread_setting()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # what Ray sets in a 1-CPU actor
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
     assert out.split() == [str(len(os.sched_getaffinity(0)))] * 2
+
+
+@pytest.mark.parametrize(("threads", "reserved", "expected"), [(None, 1.0, 1), (None, 1.5, 2), (3, 1.0, 3),
+                                                              (None, 0.0, None)])
+def test_an_actor_uses_the_cpus_it_reserves_unless_told_otherwise(threads, reserved, expected):
+    # Its threads on every core would take them from the tasks beside it (and spin waiting for each other).
+    code = ("import sys, tensorflow as tf; from captioning.devices import use_cpu_threads; "
+            f"n = use_cpu_threads({threads}, {reserved}); print(n, tf.config.threading.get_intra_op_parallelism_threads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == [str(expected or len(os.sched_getaffinity(0)))] * 2

@@ -46,6 +46,7 @@ import http.server, pathlib, struct, sys
 sources = [p.read_bytes() for p in sorted(pathlib.Path(sys.argv[1]).glob("*.jpg"))]
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body are two writes: Nagle + delayed ACK = 40 ms each
     def log_message(self, *args): pass
     def do_GET(self):
         try:
@@ -91,6 +92,17 @@ def profile(pids: list[int], seconds: float, out: Path) -> collections.Counter:
     return frames
 
 
+def task_workers() -> list[int]:
+    """Ray's pooled task workers (fetch and write tasks run in them; idle ones take the next task), not the
+    actors: Ray titles them `ray::IDLE` or `ray::Map(fetch_shard_task)` and so on."""
+    pids = []
+    for process in psutil.process_iter(["cmdline"]):
+        title = " ".join(process.info["cmdline"] or [])
+        if title.startswith("ray::") and ("IDLE" in title or "_task" in title):
+            pids.append(process.pid)
+    return pids
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/bench-cc")
@@ -129,9 +141,7 @@ def main() -> int:
             if args.py_spy:
                 def spy() -> None:
                     time.sleep(45)  # past start-up: the actors are captioning
-                    workers = [p.pid for p in psutil.Process().children(recursive=True)
-                               if "fetch_shard" in " ".join(p.cmdline())]
-                    frames.update(profile(workers, args.py_spy, out))
+                    frames.update(profile(task_workers(), args.py_spy, out))
                 threading.Thread(target=spy, daemon=True).start()
             with Sampler(ProcessCPU([server.pid])) as sampler:
                 start = time.perf_counter()

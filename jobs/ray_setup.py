@@ -10,7 +10,10 @@ from pathlib import Path
 
 from captioning.errors import CaptioningError, captioning_cause
 
-TASK_CPUS = 0.25  # fetch and write tasks mostly wait on the network and storage
+# Fetch and write tasks mostly wait on the network and storage. Ray Data gives each task operator a share of the
+# CPUs the actors leave: at 0.25 that share ran one or two fetch tasks at a time on 2 cores ("backpressured:
+# tasks(ResourceBudget)") and the caption actor waited on fetching (CC-shaped, 2026-12-03: 518 rows/s, actor busy 51%).
+TASK_CPUS = 0.1
 # Every worker of our jobs starts as quietly as the command (captioning.console): no TensorFlow start-up lines.
 WORKER_SETUP = "captioning.console.quiet_worker"
 CONNECT_TIMEOUT = 60.0  # seconds an --address may take to answer

@@ -113,17 +113,21 @@ class RowLoader:
 
 
 def lower_priority(niceness: int = defaults.FETCH_NICENESS) -> None:
-    """Make the calling thread yield the CPU to the model stage (Linux: a thread's own nice value).
+    """Make the calling thread yield the CPU to the model stage (Linux: a thread's own nice value), niceness
+    steps below its process (at most 19).
 
     The model actors are the scarce stage and fetching has shards of slack, yet on a busy node the kernel shares
     the cores evenly: a fetch pool decoding beside an actor that imports TensorFlow or runs the backbone slows
-    that actor, and with it the job. Only the pool's own threads are lowered (they end with the shard), so the
-    worker process, which Ray may later give to an actor, keeps its priority.
+    that actor, and with it the job. Relative to the process, because Ray starts every worker, actors included,
+    at nice 15: an absolute 10 would leave the fetch threads level with the actor. Only the pool's own threads
+    are lowered (they end with the shard), so the worker process, which Ray may later give to an actor, keeps
+    its priority.
     """
     if niceness and hasattr(os, "setpriority"):
         try:
             thread = threading.get_native_id()
-            os.setpriority(os.PRIO_PROCESS, thread, max(niceness, os.getpriority(os.PRIO_PROCESS, thread)))
+            target = min(19, os.getpriority(os.PRIO_PROCESS, os.getpid()) + niceness)
+            os.setpriority(os.PRIO_PROCESS, thread, max(target, os.getpriority(os.PRIO_PROCESS, thread)))
         except OSError:
             pass  # not permitted here: fetch at normal priority
 
@@ -157,17 +161,20 @@ def fetch_shard(item: ShardInput, config: ShardedJob, writer: Writer) -> Fetched
             finally:
                 held.release()
 
-        def fetch_then_decode(row: PlannedRow) -> Future:
+        def fetch_then_decode(row: PlannedRow) -> Future | tuple[FetchedRow, None]:
             held.acquire()
             try:
                 fetched = load.fetch(row)
             except BaseException:
                 held.release()
                 raise
+            if fetched[1] is None:  # failed (most rows of a scraped manifest): nothing to decode
+                held.release()
+                return fetched[0], None
             return decode_pool.submit(decode_and_release, *fetched)
 
         decoding = list(fetch_pool.map(fetch_then_decode, [r for r in rows if r.row not in keep]))
-        loaded = [future.result() for future in decoding]
+        loaded = [d.result() if isinstance(d, Future) else d for d in decoding]
     images = [image for _, image in loaded if image is not None]
     for work in ("fetch", "decode"):
         clock.add(work, sum(getattr(row, f"{work}_seconds") for row, _ in loaded))

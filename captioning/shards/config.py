@@ -28,6 +28,9 @@ class ShardedConfig:
                              help="GPUs per actor")
     fetch_threads: int = option("--fetch-threads", default=defaults.FETCH_THREADS, kind="positive", group="fetching",
                                 help="concurrent requests per fetch task")
+    fetch_tasks: int = option("--fetch-tasks", default=defaults.FETCH_TASKS_PER_ACTOR, kind="positive",
+                              group="fetching", help="fetch tasks at once per model-stage actor (each holds up to "
+                              "a shard of decoded images; a GPU actor may want more)")
     allow_local_files: bool = option("--allow-local-files", default=False, kind="flag", group="fetching",
                                      help="also read rows that are local paths or file:// URIs (off: a URL job reads "
                                      "no local file; a features manifest reads files beside it anyway)")
@@ -53,6 +56,7 @@ class ShardedJob(Protocol):
     shard_size: int
     retry_failed: bool
     fetch_threads: int
+    fetch_tasks: int
     allow_local_files: bool
     allow_s3_sources: bool
     decode_memory: int

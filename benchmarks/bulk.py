@@ -107,7 +107,8 @@ def run_job(config: BulkConfig, cpu: ProcessCPU, storage: Storage) -> dict:
     return {"n": n, "seconds": seconds, "images_per_s": n / seconds, "stages": summary["stages"],
             "ok": sum(r["status"] == "ok" for r in rows), "exactly_once": len({r["row"] for r in rows}) == n,
             "attention": sum(r["attention_length"] is not None for r in rows),
-            "core_ms": {k: 1000 * v / n for k, v in sampler.spent().items()}, "peak_pss_mib": sampler.peak_pss / 2**20}
+            "core_ms": {k: 1000 * v / n for k, v in sampler.spent().items()}, "peak_pss_mib": sampler.peak_pss / 2**20,
+            "pss_by_quarter_mib": sampler.pss_by_quarter()}
 
 
 def print_job(label: str, r: dict, ceilings: dict) -> None:
@@ -116,7 +117,8 @@ def print_job(label: str, r: dict, ceilings: dict) -> None:
     print(f"{label}: {r['images_per_s']:.1f} images/s end to end ({r['seconds']:.0f} s, {r['ok']} ok, attention for "
           f"{r['attention']}, exactly once: {'yes' if r['exactly_once'] else 'NO'}); "
           f"{r['images_per_s'] / ceilings['cpu_budget']:.0%} of the CPU-budget ceiling; peak memory (PSS) "
-          f"{r['peak_pss_mib']:.0f} MiB", flush=True)
+          f"{r['peak_pss_mib']:.0f} MiB (by quarter of the run: "
+          + " / ".join(f"{q:.0f}" for q in r["pss_by_quarter_mib"]) + ")", flush=True)
     print(f"  start-up {stages['startup_seconds']:.1f} s ({stages['startup_before_actors_seconds']:.1f} s before the "
           f"actor's model load, {stages['actor_init_seconds']:.1f} s loading and tracing it; first captions at "
           f"{stages['first_row_seconds']:.1f} s), then {stages['steady_images_per_second']:.1f} images/s steady, "

@@ -93,6 +93,7 @@ class Sampler:
         self.cpu = cpu
         self.last: dict[int, tuple[str, float]] = {}
         self.peak_pss = 0
+        self.pss: list[int] = []  # every sample's total, to tell a plateau from growth
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -107,6 +108,13 @@ class Sampler:
             except (psutil.Error, AttributeError):
                 pass
         self.peak_pss = max(self.peak_pss, total)
+        self.pss.append(total)
+
+    def pss_by_quarter(self) -> list[float]:
+        """Peak PSS (MiB) in each quarter of the run: flat quarters mean memory does not grow with the rows."""
+        n = len(self.pss)
+        return [max(self.pss[i * n // 4 : max((i + 1) * n // 4, i * n // 4 + 1)], default=0) / 2**20
+                for i in range(4)]
 
     def _run(self) -> None:
         while not self._stop.wait(1.0):

@@ -161,7 +161,8 @@ def stage_costs(config, server: psutil.Process, seaweed: psutil.Process) -> dict
     from captioning.storage import Storage  # noqa: PLC0415
 
     storage = Storage(config.storage)
-    todo, n = plan_shards(config, storage)
+    todo, layout = plan_shards(config, storage)
+    n = layout.rows
     stage, writer = CaptionShard(config), CaptionWriter(config)
     urls = [example.image for example in read_manifest(config.manifest, config.spec).examples]
     fetcher = Fetcher(config.fetch)

@@ -2,8 +2,9 @@
 schema and its writer. The Ray Data driver (jobs/driver.py) or the in-process runner does the rest.
 
 Layout under the output URI:
-  _plan.json                   what the output was planned from (manifest fingerprint, shard size, columns):
-                               a rerun with anything else is refused, so shards never mix two plans
+  _plan.json                   what the output was planned from (shard size, columns, and per generation the
+                               manifest's fingerprint and row hash): a rerun with anything else is refused, so
+                               shards never mix two plans, unless rows were only appended (a new generation)
   _lease.json                  held by the run writing the output (captioning/lease.py)
   _input/shard-NNNNN.jsonl     the manifest rows of each shard (written by plan_shards; input of fetch)
   captions/shard-NNNNN.parquet one row per input row: id, url, caption, score, status, ...

@@ -99,7 +99,7 @@ def _process(plugin: Plugin, config: Any, planned: Planned, address: str | None,
     written = processed.map(write_shard_task, fn_kwargs={"writer": writer, "processed": plugin.payload},
                             num_cpus=TASK_CPUS)
     counts: Counter = Counter()
-    bar = console.progress(plugin.total(config, planned.todo, planned.total_rows), plugin.label, plugin.unit,
+    bar = console.progress(plugin.total(config, planned.todo, planned.layout), plugin.label, plugin.unit,
                            progress)
     try:
         for row in written.iter_rows():

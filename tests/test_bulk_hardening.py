@@ -250,8 +250,8 @@ def test_changed_reruns_are_refused_before_any_work(ray_session, trained_bundle,
             assert sum(server.hits.values()) == hits  # and nothing fetched
 
         refused(replace(config, shard_size=3), "shard_size 2 -> 3")
-        manifest.write_text(original + json.dumps({"id": "r5", "url": urls[5]}) + "\n")  # rows appended
-        refused(config, "manifest")
+        manifest.write_text(json.dumps({"id": "r5", "url": urls[5]}) + "\n" + original)  # a row inserted first
+        refused(config, "manifest", "its first 5 rows changed")
         manifest.write_text(original.replace("/3.jpg", "/5.jpg"))  # a URL edited in place, same size
         refused(config, "manifest")
         refused(replace(config, spec=replace(config.spec, caption_column="text")), "caption_column 'caption' -> 'text'")
@@ -272,14 +272,15 @@ def test_markers_are_checked_by_range_not_only_by_count(tmp_path):
 
     config = BulkConfig("m", "b", str(tmp_path), shard_size=4)
     good = [{"shard": 0, "first_row": 0, "last_row": 3, "rows": 4}, {"shard": 1, "first_row": 4, "last_row": 5, "rows": 2}]
-    check_ranges(config, good, total_rows=6, shards_total=2)
+    ranges = {0: (0, 3), 1: (4, 5)}
+    check_ranges(config, good, ranges)
     shifted = [good[0], {"shard": 1, "first_row": 3, "last_row": 4, "rows": 2}]  # same counts, other rows
     with pytest.raises(CaptioningError, match="shard\\(s\\) 1 hold other rows"):
-        check_ranges(config, shifted, total_rows=6, shards_total=2)
+        check_ranges(config, shifted, ranges)
     with pytest.raises(CaptioningError, match="1/2 shards committed; rerun"):
-        check_ranges(config, good[:1], total_rows=6, shards_total=2)
+        check_ranges(config, good[:1], ranges)
     with pytest.raises(CaptioningError, match="hold other rows"):
-        check_ranges(config, good + [{"shard": 2, "first_row": 6, "last_row": 6, "rows": 1}], 6, 2)
+        check_ranges(config, good + [{"shard": 2, "first_row": 6, "last_row": 6, "rows": 1}], ranges)
 
 
 def test_file_ids_never_leave_their_folder():

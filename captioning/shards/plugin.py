@@ -6,6 +6,7 @@ from typing import Any, Callable, ClassVar
 
 from captioning.shards.payloads import Committed, FetchedShard, Payload
 from captioning.shards.config import ShardedJob
+from captioning.shards.plan import Layout
 from captioning.shards.writer import Writer
 from captioning.storage import Storage
 
@@ -60,9 +61,9 @@ class Plugin:
         """How far one committed shard moves the progress bar."""
         return committed.fresh if self.unit == "rows" else 1
 
-    def total(self, config: ShardedJob, todo: list[int], total_rows: int) -> int:
+    def total(self, config: ShardedJob, todo: list[int], layout: Layout) -> int:
         """The progress bar's length."""
         if self.unit == "shards":
             return len(todo)
-        # Every shard is full but the last; a rerun's shards (or retried rows) may be fewer.
-        return sum(min(config.shard_size, total_rows - shard * config.shard_size) for shard in todo)
+        ranges = layout.ranges()  # a rerun's shards (or retried rows) may be fewer
+        return sum(ranges[shard][1] - ranges[shard][0] + 1 for shard in todo)

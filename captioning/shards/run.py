@@ -11,7 +11,7 @@ from captioning import console
 from captioning.errors import CaptioningError
 from captioning.shards.fetching import fetch_shard
 from captioning.shards.payloads import ShardInput
-from captioning.shards.plan import plan_shards, shard_count
+from captioning.shards.plan import Layout, plan_shards
 from captioning.shards.plugin import Log, Plugin
 from captioning.shards.summary import summarise
 from captioning.storage import Storage
@@ -19,30 +19,40 @@ from captioning.storage import Storage
 
 @dataclass
 class Planned:
-    """What planning found: the shards to process, and the manifest's size."""
+    """What planning found: the shards to process, and which rows every shard holds."""
 
     todo: list[int]
-    total_rows: int
-    shards_total: int
+    layout: Layout
     started: float
+
+    @property
+    def total_rows(self) -> int:
+        """Rows of the manifest (every generation)."""
+        return self.layout.rows
+
+    @property
+    def shards_total(self) -> int:
+        """Shards of the output (every generation)."""
+        return self.layout.shards
 
 
 def begin(plugin: Plugin, config: Any, storage: Storage, log: Log) -> Planned:
     """Under the run's lease: the plug-in's preparation, then the plan, and one line saying what is to do."""
     started = time.time()
     words = plugin.prepare(config, storage)  # before the plan: a failure here pins the output to nothing
-    todo, total_rows = plan_shards(config, storage)
-    if plugin.needs_rows and not total_rows:
+    todo, layout = plan_shards(config, storage)
+    if plugin.needs_rows and not layout.rows:
         raise CaptioningError(config.manifest, "has no rows")
-    shards_total = shard_count(total_rows, config.shard_size)
-    log(f"{total_rows} rows in {shards_total} shards; {len(todo)} to process{words}")
-    return Planned(todo, total_rows, shards_total, started)
+    grew = layout.generations[-1] if layout.continued else None
+    log(f"{layout.rows} rows in {layout.shards} shards; {len(todo)} to process{words}"
+        + (f" (the manifest grew: rows {grew.first_row}+ are new, from shard {grew.first_shard})" if grew else ""))
+    return Planned(todo, layout, started)
 
 
 def finish(plugin: Plugin, config: Any, storage: Storage, planned: Planned, processed_rows: int,
            log: Log) -> dict[str, Any]:
     """Check every shard committed, write _SUCCESS.json, report."""
-    summary = summarise(config, storage, planned.total_rows, planned.started,
+    summary = summarise(config, storage, planned.layout, planned.started,
                         lambda markers, seconds: plugin.extra(config, markers, seconds, processed_rows,
                                                               planned.started))
     plugin.report(summary, config, log)
@@ -63,7 +73,7 @@ def run_here(plugin: Plugin, config: Any, log: Log = print, progress: bool = Tru
         if planned.todo:
             stage = stage or plugin.stage(config)
             writer = plugin.writer(config)
-            bar = console.progress(plugin.total(config, planned.todo, planned.total_rows), plugin.label,
+            bar = console.progress(plugin.total(config, planned.todo, planned.layout), plugin.label,
                                    plugin.unit, progress, leave=False)
             for shard in planned.todo:
                 committed = writer.write(stage(fetch_shard(ShardInput(shard), config, writer)))

@@ -152,7 +152,7 @@ def measure_ceilings(args: argparse.Namespace, bundle, examples, urls: list[str]
     size = min(args.costs_size, len(urls))
     config = job_config(write_manifest(out, f"costs-{size}", urls[:size]), model,
                         f"s3://bench/costs-{int(time.time())}", args).resolved(Storage()).with_absolute_paths()
-    stages = stage_costs(config, server, seaweed)
+    stages, writers = stage_costs(config, server, seaweed)
     servers = ("image server", "SeaweedFS")
     job_own = sum(v for k, v in stages.items() if k not in servers)
     non_backbone = job_own - stages["backbone"]
@@ -162,10 +162,12 @@ def measure_ceilings(args: argparse.Namespace, bundle, examples, urls: list[str]
     print(f"  the job's own {job_own:.2f} core-ms per image; non-backbone {non_backbone:.2f} = "
           f"{non_backbone / stages['backbone']:.2f}x the backbone's (target <= 0.5x: "
           f"{'met' if non_backbone <= 0.5 * stages['backbone'] else 'NOT met'})", flush=True)
+    print("  writers by output format, core-ms per image with SeaweedFS: " + ", ".join(
+        f"{k} {v:.2f} ({v / writers['Parquet']:.1f}x Parquet)" for k, v in writers.items()), flush=True)
     print(f"ceilings: backbone only {max(sweep.values()):.1f} images/s; CPU budget {budget:.1f} images/s "
           f"({CORES} cores / {sum(stages.values()):.2f} core-ms, the servers on the same cores included)", flush=True)
     return {"backbone_only": max(sweep.values()), "backbone_sweep": sweep, "cpu_budget": budget,
-            "stage_core_ms": stages, "non_backbone_share": non_backbone / stages["backbone"]}
+            "stage_core_ms": stages, "writer_core_ms": writers, "non_backbone_share": non_backbone / stages["backbone"]}
 
 
 def measure_startup(model: str, urls: list[str], out: Path) -> dict:

@@ -148,9 +148,10 @@ def core_ms(work: Callable[[], object], images: int, processes: list[psutil.Proc
     return {"core_ms": spent[0], "others_core_ms": spent[1:], "wall_ms": 1000 * wall / images}
 
 
-def stage_costs(config, server: psutil.Process, seaweed: psutil.Process) -> dict[str, float]:
+def stage_costs(config, server: psutil.Process, seaweed: psutil.Process) -> tuple[dict[str, float], dict[str, float]]:
     """Core-ms per image of each stage of the job alone, on the job's own code, config and images: the plan
-    written, then every shard fetched, then captioned, then written, one stage at a time in this process."""
+    written, then every shard fetched, then captioned, then written, one stage at a time in this process; and
+    beside them what each output format's writer costs, SeaweedFS included."""
     from captioning.bulk import CaptionShard, CaptionWriter, Captioned  # noqa: PLC0415
     from captioning.fetch import Fetcher  # noqa: PLC0415
     from captioning.images import decode_with_size  # noqa: PLC0415
@@ -188,4 +189,31 @@ def stage_costs(config, server: psutil.Process, seaweed: psutil.Process) -> dict
             "caption stage's own (batching, attention maps)": max(0.0, caption["core_ms"] - backbone["core_ms"]
                                                                    - decoder["core_ms"]),
             "payloads to and from Ray": payloads["core_ms"],
-            "write (Parquet, attention, marker)": write["core_ms"], "SeaweedFS": write["others_core_ms"][0]}
+            "write (Parquet, attention, marker)": write["core_ms"], "SeaweedFS": write["others_core_ms"][0]}, {
+            "Parquet": write["core_ms"] + write["others_core_ms"][0],
+            "WebDataset (the model's view as JPEG)": webdataset_cost(config, captioned, fetched, None, seaweed, n),
+            "WebDataset --keep-original": webdataset_cost(config, captioned, fetched, dict(enumerate(data)), seaweed,
+                                                          n)}
+
+
+def webdataset_cost(config, captioned: list, fetched: list, originals: dict[int, bytes] | None,
+                    seaweed: psutil.Process, n: int) -> float:
+    """Core-ms per image of writing the captioned shards as WebDataset tars, SeaweedFS included: with the image
+    bytes as fetched (originals), or the model's view encoded as JPEG (in the job the fetch threads do that)."""
+    from dataclasses import replace  # noqa: PLC0415
+
+    from captioning.images import encode_jpeg  # noqa: PLC0415
+    from captioning.webdataset import WebDatasetWriter  # noqa: PLC0415
+
+    suffix = "-wds-original" if originals is not None else "-wds"
+    writer = WebDatasetWriter(replace(config, output=config.output + suffix, output_format="webdataset",
+                                      keep_original=originals is not None))
+
+    def write() -> None:
+        for shard, loaded in zip(captioned, fetched):
+            for row, image in zip([r for r in shard.rows if r.ok], loaded.images):
+                row.image_bytes = originals[row.index] if originals is not None else encode_jpeg(image)
+            writer.write(shard)
+
+    cost = core_ms(write, n, [seaweed])
+    return cost["core_ms"] + cost["others_core_ms"][0]

@@ -19,6 +19,7 @@ Layout under the output URI:
 from __future__ import annotations
 
 import io
+import json
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -30,9 +31,10 @@ import pyarrow.parquet as pq
 
 from captioning.bulk_config import BulkConfig
 from captioning.config import GenerationConfig
-from captioning.shards.layout import file_id, marker_uri, shard_name, uri
-from captioning.shards.payloads import Committed, FetchedShard, ShardRows
-from captioning.shards.plan import committed_shards, read_marker
+from captioning.errors import CaptioningError
+from captioning.shards.layout import PLAN, file_id, marker_uri, shard_name, uri
+from captioning.shards.payloads import Committed, FetchedRow, FetchedShard, ShardRows
+from captioning.shards.plan import committed_shards, read_marker, url_key
 from captioning.shards.plugin import Log, Plugin
 from captioning.shards.timings import StageClock, StageRecord, merge, stage_report
 from captioning.shards.writer import commit_marker
@@ -46,8 +48,13 @@ OUTPUT_SCHEMA = pa.schema([
     ("inference_seconds", pa.float32()),
     ("model_version", pa.string()), ("model", pa.string()), ("reference", pa.string()), ("attention_file", pa.string()),
     ("attention_offset", pa.int64()), ("attention_length", pa.int32()), ("attention_png", pa.string()),
+    ("sha256", pa.string()), ("duplicate_of", pa.int64()), ("seen_in", pa.string()),
 ])
 SCHEMA_FIELDS = tuple(OUTPUT_SCHEMA.names)
+# What a duplicate row shares with the row it names, read with read_output(shared=True).
+SHARED_FIELDS = ("caption", "score", "status", "error", "width", "height", "sha256", "model_version", "model",
+                 "attention_file", "attention_offset", "attention_length", "attention_png")
+CAPTIONED_MEMORY = 500_000  # image hashes an actor remembers (about 70 MB) to caption equal bytes once per run
 
 
 @dataclass
@@ -91,11 +98,12 @@ class CaptionShard:
         self.generator = Generator(self.bundle.model, generation)
         # Trace now (once for every batch size), so no shard pays for tracing.
         self.generator(self.bundle.backbone(np.zeros((1, config.image.size, config.image.size, 3), np.uint8)))
+        self.captioned: dict[bytes, int] = {}  # sha256 of bytes captioned by this actor -> their row
         self.ready = time.time()
 
     def __call__(self, shard: FetchedShard) -> Captioned:
         clock = StageClock()
-        images, good = shard.images, shard.good
+        images, good = self._not_yet_captioned(shard)
         captioned: list[CaptionedRow] = []
         maps: list[np.ndarray] = []
         offset = 0
@@ -120,10 +128,31 @@ class CaptionShard:
                     if row.index < self.config.attention_png:  # the first N data rows of the manifest
                         result.attention_png = self._overlay(images[start + i], caption, out.attention[i], row.id)
                 captioned.append(result)
+                if row.sha256 is not None:
+                    self._remember(row)
         attention = np.concatenate(maps) if maps else np.zeros((0, 7, 7), np.float16)
         records = [clock.finish("caption"), self.init_record, *([first] if first else [])]
         return Captioned(**shard.passed_on(*records), captions=captioned,
                          attention=attention, model_version=self.bundle.version)
+
+    def _not_yet_captioned(self, shard: FetchedShard) -> tuple[np.ndarray, list[FetchedRow]]:
+        """The shard's images and ok rows, less those whose bytes this actor captioned in another row this run:
+        those become duplicates of that row (the fetch stage did the same within the shard)."""
+        good, keep = shard.good, []
+        for i, row in enumerate(good):
+            earlier = self.captioned.get(bytes.fromhex(row.sha256)) if row.sha256 else None
+            if earlier is not None and earlier != row.row:
+                row.status, row.duplicate_of, row.image_bytes = "duplicate", earlier, None
+            else:
+                keep.append(i)
+        if len(keep) == len(good):
+            return shard.images, good
+        return shard.images[keep], [good[i] for i in keep]
+
+    def _remember(self, row: FetchedRow) -> None:
+        self.captioned[bytes.fromhex(row.sha256 or "")] = row.row
+        if len(self.captioned) > CAPTIONED_MEMORY:  # the oldest first: dicts keep insertion order
+            del self.captioned[next(iter(self.captioned))]
 
     @property
     def init_record(self) -> StageRecord:
@@ -153,6 +182,8 @@ class CaptionWriter:
     """The Parquet + attention writer: captions/shard-N.parquet (OUTPUT_SCHEMA), attention/shard-N.<attempt>.npy,
     then the commit marker."""
 
+    images = ""  # Parquet keeps no images
+
     def __init__(self, config: BulkConfig) -> None:
         self.config = config
 
@@ -162,11 +193,15 @@ class CaptionWriter:
         if not storage.exists(marker_uri(self.config.output, shard)):
             return None
         attempt = read_marker(self.config.output, shard, storage).get("attempt", 0) + 1
+        return attempt, self.committed_rows(shard, storage)
+
+    def committed_rows(self, shard: int, storage: Storage) -> pa.Table:
+        """A shard's rows as its data file holds them."""
         data = storage.read_bytes(uri(self.config.output, "captions", f"{shard_name(shard)}.parquet"))
-        return attempt, pq.read_table(io.BytesIO(data), schema=OUTPUT_SCHEMA)
+        return pq.read_table(io.BytesIO(data), schema=OUTPUT_SCHEMA)
 
     def write(self, processed: Captioned) -> Committed:
-        """Write a shard's Parquet and attention file, then its commit marker; returns the shard's counts."""
+        """Write a shard's data, then its commit marker; returns the shard's counts."""
         config, clock = self.config, StageClock()
         storage = Storage(config.storage)
         name = shard_name(processed.shard)
@@ -183,17 +218,10 @@ class CaptionWriter:
                           "model_version": processed.model_version, "model": model,
                           "attention_file": attention_file if has_map else None})
         kept = processed.kept.to_pylist() if processed.kept is not None else []
-        rows = [{k: r.get(k) for k in SCHEMA_FIELDS} for r in sorted(kept + fresh, key=lambda r: r["row"])]
+        rows = sorted(kept + fresh, key=lambda r: r["row"])
         with clock.measure("write"):
-            buffer = io.BytesIO()
-            pq.write_table(pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA), buffer)
             # Data first, marker last: a crash in between leaves a shard that the next run simply redoes.
-            if any(r["attention_file"] for r in fresh):
-                buffer_maps = io.BytesIO()
-                np.save(buffer_maps, processed.attention, allow_pickle=False)
-                storage.write_bytes(uri(config.output, attention_file), buffer_maps.getvalue(),
-                                    "application/octet-stream")
-            storage.write_bytes(uri(config.output, "captions", f"{name}.parquet"), buffer.getvalue())
+            self.write_data(storage, processed, rows, {r["row"] for r in fresh}, attention_file)
         statuses = [r["status"] for r in rows]
         marker = {"shard": processed.shard, "rows": len(rows), "statuses": statuses,
                   "model_version": processed.model_version, "model": model,
@@ -205,6 +233,20 @@ class CaptionWriter:
         ok = statuses.count("ok")
         return Committed(processed.shard, len(rows), ok, len(rows) - ok, len(fresh))
 
+    def write_data(self, storage: Storage, processed: Captioned, rows: list[dict], fresh: set[int],
+                   attention_file: str) -> None:
+        """The shard's files: its Parquet rows, and this attempt's attention array if any row has maps."""
+        buffer = io.BytesIO()
+        table = pa.Table.from_pylist([{k: r.get(k) for k in SCHEMA_FIELDS} for r in rows], schema=OUTPUT_SCHEMA)
+        pq.write_table(table, buffer)
+        if any(r["attention_file"] for r in rows if r["row"] in fresh):
+            buffer_maps = io.BytesIO()
+            np.save(buffer_maps, processed.attention, allow_pickle=False)
+            storage.write_bytes(uri(self.config.output, attention_file), buffer_maps.getvalue(),
+                                "application/octet-stream")
+        storage.write_bytes(uri(self.config.output, "captions", f"{shard_name(processed.shard)}.parquet"),
+                            buffer.getvalue())
+
 
 class Captioning(Plugin):
     """Bulk captioning: a caption per manifest row, with attention maps, into Parquet."""
@@ -214,6 +256,7 @@ class Captioning(Plugin):
     stage_class = CaptionShard
     payload = Captioned
     writer_class = CaptionWriter
+    dedupe_urls = True
 
     def configure(self, config: BulkConfig, storage: Storage, log: Log) -> BulkConfig:
         """The registry --model resolved once, paths absolute."""
@@ -225,6 +268,27 @@ class Captioning(Plugin):
     def prepare(self, config: BulkConfig, storage: Storage) -> str:
         """Nothing to prepare; the plan line says whether failures are retried."""
         return " (retrying transient failures)" if config.retry_failed else ""
+
+    def seen(self, config: BulkConfig, storage: Storage) -> dict[bytes, str]:
+        """--skip-seen: every URL each earlier output captioned ok, to the first output that has it."""
+        seen: dict[bytes, str] = {}
+        for earlier in config.skip_seen:
+            if earlier.rstrip("/") == config.output.rstrip("/"):
+                raise CaptioningError(earlier, "is this run's own --output; --skip-seen names earlier outputs")
+            if not storage.exists(uri(earlier, PLAN)):
+                raise CaptioningError(earlier, "is not a bulk captioning output (no _plan.json)")
+            for row in read_output(earlier, storage, shared=True, columns=["row", "url", "status", "duplicate_of"]):
+                if row["status"] == "ok" and row["url"] is not None:
+                    seen.setdefault(url_key(row["url"]), earlier)
+        return seen
+
+    def writer(self, config: BulkConfig) -> CaptionWriter:
+        """The --output-format's writer."""
+        if config.output_format == "webdataset":
+            from captioning.webdataset import WebDatasetWriter  # noqa: PLC0415
+
+            return WebDatasetWriter(config)
+        return CaptionWriter(config)
 
     def buffered(self, config: BulkConfig) -> int:
         """--buffered-shards."""
@@ -252,11 +316,38 @@ class Captioning(Plugin):
                 f"{stages['first_row_seconds'] or 0:.1f} s); bound by {stages['bound_by']} ({stages['why']})")
 
 
-def read_output(output: str, storage: Storage | None = None) -> Iterator[dict]:
-    """Every committed output row, shard by shard (what users and tests read back)."""
-    storage = storage or Storage()
+def output_format(output: str, storage: Storage) -> str:
+    """An output's format, as its plan records it ("parquet" for outputs planned before the option)."""
+    data = storage.read_tagged(uri(output, PLAN))
+    return (json.loads(data[0]).get("output_format") if data else None) or "parquet"
+
+
+def output_tables(output: str, storage: Storage, columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """Each committed shard's rows as a table, shard by shard, whatever the output's format."""
+    config = BulkConfig("", "", output, output_format=output_format(output, storage))
+    writer = Captioning().writer(config)
     for name in sorted(committed_shards(output, storage)):
-        yield from pq.read_table(io.BytesIO(storage.read_bytes(uri(output, "captions", f"{name}.parquet")))).to_pylist()
+        table = writer.committed_rows(int(name.removeprefix("shard-")), storage)
+        yield table.select(columns) if columns else table
+
+
+def read_output(output: str, storage: Storage | None = None, shared: bool = False,
+                columns: list[str] | None = None) -> Iterator[dict]:
+    """Every committed output row, shard by shard (what users and tests read back). shared: a duplicate row
+    comes with the result of the row it shares (caption, score, status, attention), keeping its own row, id, url
+    and duplicate_of; columns: only these."""
+    storage = storage or Storage()
+    if not shared:
+        for table in output_tables(output, storage, columns):
+            yield from table.to_pylist()
+        return
+    rows = [row for table in output_tables(output, storage, columns) for row in table.to_pylist()]
+    by_row = {row["row"]: row for row in rows}
+    for row in rows:
+        source, hops = row, 0
+        while source["status"] == "duplicate" and source["duplicate_of"] in by_row and hops < len(rows):
+            source, hops = by_row[source["duplicate_of"]], hops + 1  # a chain ends at the row that was captioned
+        yield row if source is row else {**row, **{k: source[k] for k in SHARED_FIELDS if k in source}}
 
 
 def attention_for(row: dict, output: str, storage: Storage | None = None) -> np.ndarray | None:

@@ -12,6 +12,9 @@ from captioning.shards.config import ShardedConfig
 from captioning.storage import Storage, absolute
 
 
+OUTPUT_FORMATS = ("parquet", "webdataset")
+
+
 @dataclass(frozen=True)
 class BulkConfig(ShardedConfig):
     """Everything one bulk run needs; built by the CLI, shipped to every stage."""
@@ -33,6 +36,14 @@ class BulkConfig(ShardedConfig):
                                 help="also write overlay PNGs for the first N manifest rows")
     retry_failed: bool = option("--retry-failed", default=False, kind="flag", group="data", kw_only=True,
                                 help="redo only rows with transient failures")
+    output_format: str = option("--output-format", default="parquet", choices=OUTPUT_FORMATS, group="data",
+                                help="parquet: captions/shard-N.parquet and attention arrays; webdataset: "
+                                "shards/shard-N.tar with each row's image, caption, JSON row and attention")
+    keep_original: bool = option("--keep-original", default=False, kind="flag", group="data",
+                                 help="webdataset: keep each image's bytes as fetched, not the model's view (JPEG)")
+    skip_seen: tuple[str, ...] = option("--skip-seen", default=(), kind="append", metavar="OUTPUT", group="data",
+                                        help="skip URLs an earlier bulk output captioned ok (status seen, seen_in "
+                                        "names it); repeatable")
     precision: str = "auto"
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     model_ref: str = ""  # the --model as resolved once (registry+URI@vNNNN), kept in every row; "": model itself
@@ -40,7 +51,8 @@ class BulkConfig(ShardedConfig):
     def with_absolute_paths(self) -> "BulkConfig":
         """The same run with local manifest/model/output paths made absolute, as Ray workers need."""
         return replace(self, manifest=absolute(self.manifest), model=absolute(self.model), output=absolute(self.output),
-                       model_ref=self.model_ref or absolute(self.model))
+                       model_ref=self.model_ref or absolute(self.model),
+                       skip_seen=tuple(absolute(earlier) for earlier in self.skip_seen))
 
     def resolved(self, storage: Storage) -> "BulkConfig":
         """The same run with a registry --model resolved, once, to one version's bundle."""
@@ -50,5 +62,6 @@ class BulkConfig(ShardedConfig):
         return replace(self, model=found.bundle, model_ref=found.ref)
 
     def plan_extra(self) -> dict[str, Any]:
-        """Nothing beyond the shared plan fields decides a bulk run's shards."""
-        return {}
+        """The output format, when not Parquet: one output never mixes two (outputs planned before the option
+        existed are Parquet and keep their plan)."""
+        return {"output_format": self.output_format} if self.output_format != "parquet" else {}

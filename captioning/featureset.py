@@ -107,6 +107,8 @@ class EmbedShard:
 class FeatureWriter:
     """The feature-shard writer: features/shard-N.npy and features/shard-N.json, then the commit marker."""
 
+    images = ""  # the features are the output: no image bytes travel to the writer
+
     def __init__(self, config: FeaturesConfig) -> None:
         self.config = config
 

@@ -187,3 +187,20 @@ def to_rgb(image: Image.Image) -> Image.Image:
         hi = arr.max() or 1.0
         image = Image.fromarray((arr * (255.0 / hi)).clip(0, 255).astype(np.uint8), "L")
     return image.convert("RGB")
+
+
+# Magic numbers of the formats the decoder opens, for naming stored bytes (WebDataset: KEY.<extension>).
+_MAGIC = ((b"\xff\xd8\xff", "jpg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF8", "gif"), (b"BM", "bmp"),
+          (b"II*\x00", "tif"), (b"MM\x00*", "tif"))
+
+
+def image_extension(data: bytes) -> str:
+    """The file extension of encoded image bytes, from their magic number ("bin" if none matches)."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return next((ext for magic, ext in _MAGIC if data.startswith(magic)), "bin")
+
+
+def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:
+    """An RGB uint8 (height, width, 3) array as JPEG bytes (libjpeg-turbo, off the GIL)."""
+    return simplejpeg.encode_jpeg(np.ascontiguousarray(image), quality=quality, colorspace="RGB")

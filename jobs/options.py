@@ -301,6 +301,10 @@ def bulk_config(args: argparse.Namespace) -> Any:
     from captioning.bulk_config import BulkConfig  # noqa: PLC0415
 
     values = sharded_config(args, BulkConfig)
+    if values.get("keep_original") and values.get("output_format") != "webdataset":
+        from captioning.errors import CaptioningError  # noqa: PLC0415
+
+        raise CaptioningError("--keep-original", "keeps images only in --output-format webdataset")
     return BulkConfig(**values, batch_size=args.batch_size, precision=args.precision,
                       generation=generation_config(args, attention=values["attention"]))
 

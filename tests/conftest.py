@@ -29,6 +29,12 @@ class Reply:
     drip: float = 0.0  # seconds between single bytes of the whole response (headers too): a slow-drip server
 
 
+def tagged_jpeg(data: bytes, tag: bytes) -> bytes:
+    """The same JPEG with a comment segment after its start marker: other bytes (another sha256), same pixels."""
+    assert data[:2] == b"\xff\xd8"
+    return data[:2] + b"\xff\xfe" + (len(tag) + 2).to_bytes(2, "big") + tag + data[2:]
+
+
 class LoopbackServer:
     """Threaded HTTP server on 127.0.0.1; routes map a path to a Reply or a function of the hit count."""
 

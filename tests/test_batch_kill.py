@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from captioning.bulk import read_output
-from tests.conftest import LoopbackServer, Reply
+from tests.conftest import LoopbackServer, Reply, tagged_jpeg
 
 pytestmark = pytest.mark.ray
 
@@ -26,7 +26,9 @@ def slow_manifest(synthetic_data, tmp_path):
     images = sorted((synthetic_data["test"].parent / "images" / "test").glob("*.jpg"))
     urls = []
     for i in range(ROWS):
-        server.routes[f"/{i}.jpg"] = Reply(200, images[i % len(images)].read_bytes(), delay=0.3)
+        # Bytes of its own per row: equal bytes would be captioned once (duplicates), not what is tested here.
+        server.routes[f"/{i}.jpg"] = Reply(200, tagged_jpeg(images[i % len(images)].read_bytes(), str(i).encode()),
+                                           delay=0.3)
         urls.append(server.url(f"/{i}.jpg"))
     (tmp_path / "m.csv").write_text("id,url\n" + "".join(f"r{i},{u}\n" for i, u in enumerate(urls)))
     yield str(tmp_path / "m.csv")

@@ -21,7 +21,7 @@ from captioning.errors import CaptioningError
 from captioning.lease import Lease, LeaseHeld
 from captioning.manifest import ManifestSpec
 from captioning.storage import Storage
-from tests.conftest import LoopbackServer, Reply
+from tests.conftest import LoopbackServer, Reply, tagged_jpeg
 
 LOOPBACK = FetchConfig(allowed_networks=("127.0.0.1/32",), retries=0, backoff=0.01, read_timeout=1.0, deadline=2.0)
 SECRET = "hunter2"
@@ -332,7 +332,7 @@ def test_bodies_waiting_for_the_decoders_are_bounded_by_the_fetch_threads(images
     monkeypatch.setattr(fetching.RowLoader, "decode", slow_decode)
     try:
         for i in range(40):
-            server.routes[f"/{i}.jpg"] = Reply(200, images[i % len(images)].read_bytes())
+            server.routes[f"/{i}.jpg"] = Reply(200, tagged_jpeg(images[i % len(images)].read_bytes(), str(i).encode()))
         config, storage = stage_config(server, tmp_path, [server.url(f"/{i}.jpg") for i in range(40)],
                                        fetch_threads=4)
         plan_shards(config, storage)

@@ -90,6 +90,13 @@ def test_batch_refuses_bad_numbers_before_any_work(capsys, option, value):
     assert exit_info.value.code == 2 and f"argument {option}" in err and "Traceback" not in err
 
 
+def test_keep_original_without_webdataset_is_one_error_line(capsys, tmp_path):
+    code = main(["batch", "--manifest", "m.csv", "--model", "m", "--output", str(tmp_path / "o"), "--keep-original"])
+    err = capsys.readouterr().err
+    assert code != 0 and err.strip() == "error: --keep-original: keeps images only in --output-format webdataset"
+    assert not (tmp_path / "o").exists()
+
+
 def test_data_commands_have_no_s3_endpoint_they_would_ignore(capsys):
     with pytest.raises(SystemExit):
         main(["data", "flickr8k", "--out", "x", "--s3-endpoint", "http://127.0.0.1:1"])

@@ -18,6 +18,7 @@ from captioning.shards.plan import Layout, plan_record, plan_shards, read_layout
 from captioning.storage import Storage
 from tests.conftest import LoopbackServer, Reply
 from tests.test_bulk_hardening import LOOPBACK
+from tests.test_dedupe import jpeg
 
 
 def rows(n: int, start: int = 0, host: str = "http://127.0.0.1:9") -> list[dict]:
@@ -142,14 +143,13 @@ def test_an_interrupted_plan_is_planned_anew_and_a_version_1_plan_continues_only
 
 
 @pytest.mark.ray
-def test_a_nightly_rerun_of_a_grown_manifest_captions_only_the_new_rows(ray_session, trained_bundle, images,
-                                                                        tmp_path):
+def test_a_nightly_rerun_of_a_grown_manifest_captions_only_the_new_rows(ray_session, trained_bundle, tmp_path):
     from jobs.batch import run
 
     server = LoopbackServer()
     try:
         for i in range(500):
-            server.routes[f"/{i}.jpg"] = Reply(200, images[i % len(images)].read_bytes())
+            server.routes[f"/{i}.jpg"] = Reply(200, jpeg(i))
         host = f"http://127.0.0.1:{server.port}"
         manifest, output = tmp_path / "m.jsonl", tmp_path / "out"
         write_manifest(manifest, rows(300, host=host))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -15,7 +16,7 @@ import pyarrow.compute as pc
 
 from captioning.errors import CaptioningError, FetchError, internal_error, redact
 from captioning.fetch import TRANSIENT_REASONS, Fetcher
-from captioning.images import DecodeBudget, decode_with_size, read_source
+from captioning.images import DecodeBudget, decode_with_size, encode_jpeg, read_source
 from captioning.manifest import SCHEME
 from captioning.shards.payloads import FetchedRow, FetchedShard, PlannedRow, ShardInput
 from captioning.shards import defaults
@@ -57,8 +58,9 @@ class RowLoader:
     9 core-ms per image in the job against 1 alone (benchmarks/bulk_cc.py, 2026-12-02).
     """
 
-    def __init__(self, config: ShardedJob, storage: Storage) -> None:
-        self.config, self.storage = config, storage
+    def __init__(self, config: ShardedJob, storage: Storage, keep: str = "") -> None:
+        """keep: the image bytes an ok row carries on: "original" (as fetched), "model" (its view, as JPEG), ""."""
+        self.config, self.storage, self.keep = config, storage, keep
         self.fetcher = Fetcher(config.fetch)
         self.budget = DecodeBudget(config.decode_memory)
         # CPU seconds the loading threads spent (their own thread clocks): wall times under contention say how
@@ -76,11 +78,15 @@ class RowLoader:
         if row.error:
             out.status = "bad_row"
             return out, None, ""
+        if row.seen_in or row.duplicate_of is not None:  # another row's result, here or in an earlier output
+            out.status = "seen" if row.seen_in else "duplicate"
+            return out, None, ""
         start, cpu = time.perf_counter(), time.thread_time()
         source, data = "", None
         try:
             source = admit(row.url, row.source, self.config)
             data = read_source(source, self.fetcher, self.storage, max_bytes=self.config.fetch.max_bytes)
+            out.sha256 = hashlib.sha256(data).hexdigest()
         except CaptioningError as err:
             out.status, out.error = err.reason, str(err)
         except Exception as err:  # noqa: BLE001  (one row's surprise must never fail the shard)
@@ -103,6 +109,8 @@ class RowLoader:
             out.status, out.error = "internal_error", internal_error(err, out.url or "")
         if image is None:
             out.width = out.height = None
+        elif self.keep:
+            out.image_bytes = data if self.keep == "original" else encode_jpeg(image)
         out.decode_seconds = time.perf_counter() - start
         self._spent("decode_cpu", cpu)
         return out, image
@@ -132,6 +140,18 @@ def lower_priority(niceness: int = defaults.FETCH_NICENESS) -> None:
             pass  # not permitted here: fetch at normal priority
 
 
+def same_bytes_once(loaded: list[tuple[FetchedRow, np.ndarray | None]]) -> list[tuple[FetchedRow, np.ndarray | None]]:
+    """Rows whose bytes equal an earlier ok row's in the shard become its duplicates: captioned once."""
+    first: dict[str, int] = {}
+    out = []
+    for row, image in loaded:
+        if row.ok and row.sha256 is not None:
+            if (earlier := first.setdefault(row.sha256, row.row)) != row.row:
+                row.status, row.duplicate_of, row.image_bytes, image = "duplicate", earlier, None, None
+        out.append((row, image))
+    return out
+
+
 def fetch_shard(item: ShardInput, config: ShardedJob, writer: Writer) -> FetchedShard:
     """Fetch and decode every row of one shard, many requests at once; failures become row statuses.
 
@@ -148,7 +168,7 @@ def fetch_shard(item: ShardInput, config: ShardedJob, writer: Writer) -> Fetched
         if table is not None:
             kept = table.filter(pc.invert(pc.is_in(table["status"], pa.array(sorted(TRANSIENT_REASONS)))))
     keep = set(kept["row"].to_pylist()) if kept is not None else set()
-    load = RowLoader(config, storage)
+    load = RowLoader(config, storage, getattr(writer, "images", ""))
     with ThreadPoolExecutor(config.fetch_threads, initializer=lower_priority) as fetch_pool, \
             ThreadPoolExecutor(defaults.DECODE_THREADS, initializer=lower_priority) as decode_pool:
         # Each row goes to the decoders as soon as its bytes arrive; results come back in row order. At most
@@ -175,6 +195,7 @@ def fetch_shard(item: ShardInput, config: ShardedJob, writer: Writer) -> Fetched
 
         decoding = list(fetch_pool.map(fetch_then_decode, [r for r in rows if r.row not in keep]))
         loaded = [d.result() if isinstance(d, Future) else d for d in decoding]
+    loaded = same_bytes_once(loaded)
     images = [image for _, image in loaded if image is not None]
     for work in ("fetch", "decode"):
         clock.add(work, sum(getattr(row, f"{work}_seconds") for row, _ in loaded))

@@ -161,6 +161,8 @@ class PlannedRow:
     reference: str | None
     captions: list[str]
     error: str | None
+    duplicate_of: int | None = None  # the row of the run's first row with this URL: its result is this row's
+    seen_in: str | None = None  # an earlier output (--skip-seen) that captioned this URL ok
 
 
 @dataclass
@@ -168,6 +170,8 @@ class FetchedRow(PlannedRow):
     """A planned row after fetching and decoding: its status (ok or why not), image size and timings."""
 
     status: str = "ok"
+    sha256: str | None = None  # of the bytes as received
+    image_bytes: bytes | None = None  # kept for writers that store images: as fetched, or the model's view
     width: int | None = None
     height: int | None = None
     fetch_seconds: float = 0.0

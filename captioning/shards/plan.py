@@ -7,7 +7,7 @@ import json
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Mapping
 
 from captioning.errors import CaptioningError
 from captioning.fetch import TRANSIENT_REASONS
@@ -107,12 +107,28 @@ def read_layout(output: str, storage: Storage) -> Layout:
     return Layout(tuple(_generations(old)), old.get("shard_size", 1))
 
 
+def url_key(url: str) -> bytes:
+    """A URL as a 16-byte key (whitespace around the cell ignored, as the fetcher ignores it): millions fit."""
+    return hashlib.blake2b(url.strip().encode(), digest_size=16).digest()
+
+
+def row_digest(row: PlannedRow) -> bytes:
+    """A planned row as hashed into its generation's rows_sha256: what the manifest says, not what a run
+    decided about it (duplicates, --skip-seen), so the same rows hash equal whatever the options."""
+    fields = asdict(row)
+    fields.pop("duplicate_of"), fields.pop("seen_in")
+    return (json.dumps(fields) + "\n").encode()
+
+
 class _Planner:
     """Streams manifest rows into shard input files, deciding after the first shard's rows whether this run
     starts the output, repeats its plan, or continues it (the old rows hash equal and more follow)."""
 
-    def __init__(self, config: ShardedJob, storage: Storage, pool: ThreadPoolExecutor) -> None:
+    def __init__(self, config: ShardedJob, storage: Storage, pool: ThreadPoolExecutor, dedupe: bool,
+                 seen: Mapping[bytes, str]) -> None:
         self.config, self.storage, self.pool = config, storage, pool
+        self.first_of: dict[bytes, int] | None = {} if dedupe else None  # URL key -> row of its first row
+        self.seen = seen
         self.where = uri(config.output, PLAN)
         self.todo: list[int] = []
         self.head: list[PlannedRow] | None = []  # the first shard's rows, until the plan is settled
@@ -137,10 +153,10 @@ class _Planner:
         self._take(row)
 
     def _take(self, row: PlannedRow) -> None:
-        line = json.dumps(asdict(row)) + "\n"
         if self.rows == self.known and self.known and not self._same_rows():
             raise self._changed()
-        self.digest.update(line.encode())
+        self.digest.update(row_digest(row))
+        self._mark(row)
         self.rows += 1
         if row.index < self.known:
             return  # an old generation's row, planned and hashed when it was new
@@ -190,6 +206,17 @@ class _Planner:
             self.starts = {self.known: old_layout.shards}
         for row in head:
             self._take(row)
+
+    def _mark(self, row: PlannedRow) -> None:
+        # Old generations' rows are registered too: a URL that returns tonight shares last night's result.
+        # The cell, not where it resolves: two cells naming one file may still differ in what the job allows.
+        if row.error or not (row.url or "").strip():
+            return
+        key = url_key(row.url or "")
+        if self.first_of is not None and (first := self.first_of.setdefault(key, row.row)) != row.row:
+            row.duplicate_of = first
+        if self.seen:
+            row.seen_in = self.seen.get(key)
 
     def _same_rows(self) -> bool:
         return self.digest.copy().hexdigest() == self.old[-1].rows_sha256
@@ -256,13 +283,15 @@ class _Planner:
             raise CaptioningError(self.config.output, "_plan.json changed while this run planned; rerun")
 
 
-def plan_shards(config: ShardedJob, storage: Storage) -> tuple[list[int], Layout]:
+def plan_shards(config: ShardedJob, storage: Storage, dedupe: bool = False,
+                seen: Mapping[bytes, str] | None = None) -> tuple[list[int], Layout]:
     """Stream the manifest into per-shard input files; returns the shards to process and the output's layout.
 
-    A committed shard is skipped, unless retry_failed is set and it holds transient failures.
+    A committed shard is skipped, unless retry_failed is set and it holds transient failures. dedupe: rows whose
+    URL an earlier row has get duplicate_of (fetched once); seen: url_key -> an earlier output that has it.
     """
     with ThreadPoolExecutor(PLAN_WRITERS) as pool:
-        planner = _Planner(config, storage, pool)
+        planner = _Planner(config, storage, pool, dedupe, seen or {})
         for row in iter_rows(config.manifest, config.spec, storage):
             # url is the cell as written (outputs trace back to it verbatim); source is where it resolves.
             planner.add(PlannedRow(row=row.row, index=planner.rows + len(planner.head or []), id=row.id,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Mapping
 
 from captioning.shards.payloads import Committed, FetchedShard, Payload
 from captioning.shards.config import ShardedJob
@@ -23,6 +23,7 @@ class Plugin:
     writer_class: ClassVar[type]  # the output format's Writer, built from the config
     unit: ClassVar[str] = "rows"  # what the progress bar counts: "rows" or "shards"
     needs_rows: ClassVar[bool] = False  # an empty manifest is an error rather than an empty output
+    dedupe_urls: ClassVar[bool] = False  # rows repeating an earlier row's URL share its result (duplicate_of)
 
     def configure(self, config: Any, storage: Storage, log: Log) -> Any:
         """The config as the run uses it (paths absolute, references resolved), before its lease is taken."""
@@ -31,6 +32,10 @@ class Plugin:
     def prepare(self, config: Any, storage: Storage) -> str:
         """Work before the plan, on the driver, under the lease; words for the plan's log line."""
         return ""
+
+    def seen(self, config: Any, storage: Storage) -> Mapping[bytes, str]:
+        """URLs (plan.url_key) earlier outputs already hold, each to its output: rows with them are not fetched."""
+        return {}
 
     def buffered(self, config: Any) -> int:
         """Decoded shards held in Ray's object store per actor: bounds memory."""

@@ -40,7 +40,10 @@ def begin(plugin: Plugin, config: Any, storage: Storage, log: Log) -> Planned:
     """Under the run's lease: the plug-in's preparation, then the plan, and one line saying what is to do."""
     started = time.time()
     words = plugin.prepare(config, storage)  # before the plan: a failure here pins the output to nothing
-    todo, layout = plan_shards(config, storage)
+    seen = plugin.seen(config, storage)
+    if seen:
+        words += f" ({len(seen)} URLs seen in earlier outputs are skipped)"
+    todo, layout = plan_shards(config, storage, plugin.dedupe_urls, seen)
     if plugin.needs_rows and not layout.rows:
         raise CaptioningError(config.manifest, "has no rows")
     grew = layout.generations[-1] if layout.continued else None

@@ -15,6 +15,8 @@ from captioning.storage import Storage
 class Writer(Protocol):
     """Writes one processed shard of a job's output format, then commits it; reads back what it committed."""
 
+    images: str  # the image bytes the fetch stage keeps on each ok row for it: "original", "model" or ""
+
     def write(self, processed: Any) -> Committed:
         """Write the shard's data, then its commit marker; returns its counts."""
 

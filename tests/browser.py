@@ -12,6 +12,7 @@ import itertools
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -46,22 +47,39 @@ class PageCheck:
 
 def open_page(chromium: str, url: str, screenshot: Path, width: int = 1280, timeout: float = 60.0) -> PageCheck:
     """Load url in headless Chromium, wait for its load event, and report; the whole page goes to screenshot."""
-    with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
+    # Chromium's helpers (renderers, crashpad) outlive its main process for a moment and keep writing to the
+    # profile: the whole session is stopped, and the profile's removal never fails the test.
+    with tempfile.TemporaryDirectory(prefix="chromium-profile-", ignore_cleanup_errors=True) as profile:
         process = subprocess.Popen(
             [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
              "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0", f"--user-data-dir={profile}",
              f"--window-size={width},900", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
             endpoint = _devtools_endpoint(process, timeout)
             return asyncio.run(asyncio.wait_for(_check(endpoint, url, screenshot, width), timeout))
         finally:
-            process.terminate()
+            _stop_session(process)
+
+
+def _stop_session(process: subprocess.Popen) -> None:
+    """SIGTERM chromium's whole process group, SIGKILL what is left after 10 s."""
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(wait)
+        except subprocess.TimeoutExpired:
+            continue
+        deadline = time.monotonic() + wait  # the main process is gone: give its helpers the same time
+        while time.monotonic() < deadline:
             try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+                os.killpg(process.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
 
 
 def _devtools_endpoint(process: subprocess.Popen, timeout: float) -> str:

@@ -12,6 +12,8 @@ Layout under the output URI:
                                a new name per attempt, so rows kept from an earlier attempt keep their maps
   _committed/shard-NNNNN.json  commit marker, written last: a shard without one is redone on rerun; it holds
                                the shard's row range and its stage timings (captioning/shards/timings.py)
+  shards/shard-NNNNN.tar       with --output-format webdataset, instead of captions/ and attention/: a sample per
+                               row (captioning/webdataset.py)
   attention-png/<id>.png       optional overlays for the first --attention-png rows (unsafe ids are hashed)
   _SUCCESS.json                summary of the run
 """
@@ -32,6 +34,7 @@ import pyarrow.parquet as pq
 from captioning.bulk_config import BulkConfig
 from captioning.config import GenerationConfig
 from captioning.errors import CaptioningError
+from captioning.output_source import share_results
 from captioning.shards.layout import PLAN, file_id, marker_uri, shard_name, uri
 from captioning.shards.payloads import Committed, FetchedRow, FetchedShard, ShardRows
 from captioning.shards.plan import committed_shards, read_marker, url_key
@@ -48,12 +51,9 @@ OUTPUT_SCHEMA = pa.schema([
     ("inference_seconds", pa.float32()),
     ("model_version", pa.string()), ("model", pa.string()), ("reference", pa.string()), ("attention_file", pa.string()),
     ("attention_offset", pa.int64()), ("attention_length", pa.int32()), ("attention_png", pa.string()),
-    ("sha256", pa.string()), ("duplicate_of", pa.int64()), ("seen_in", pa.string()),
+    ("sha256", pa.string()), ("duplicate_of", pa.int64()), ("seen_in", pa.string()), ("image_file", pa.string()),
 ])
 SCHEMA_FIELDS = tuple(OUTPUT_SCHEMA.names)
-# What a duplicate row shares with the row it names, read with read_output(shared=True).
-SHARED_FIELDS = ("caption", "score", "status", "error", "width", "height", "sha256", "model_version", "model",
-                 "attention_file", "attention_offset", "attention_length", "attention_png")
 CAPTIONED_MEMORY = 500_000  # image hashes an actor remembers (about 70 MB) to caption equal bytes once per run
 
 
@@ -341,13 +341,7 @@ def read_output(output: str, storage: Storage | None = None, shared: bool = Fals
         for table in output_tables(output, storage, columns):
             yield from table.to_pylist()
         return
-    rows = [row for table in output_tables(output, storage, columns) for row in table.to_pylist()]
-    by_row = {row["row"]: row for row in rows}
-    for row in rows:
-        source, hops = row, 0
-        while source["status"] == "duplicate" and source["duplicate_of"] in by_row and hops < len(rows):
-            source, hops = by_row[source["duplicate_of"]], hops + 1  # a chain ends at the row that was captioned
-        yield row if source is row else {**row, **{k: source[k] for k in SHARED_FIELDS if k in source}}
+    yield from share_results([row for table in output_tables(output, storage, columns) for row in table.to_pylist()])
 
 
 def attention_for(row: dict, output: str, storage: Storage | None = None) -> np.ndarray | None:

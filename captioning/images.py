@@ -15,6 +15,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from captioning.config import ImageConfig
 from captioning.errors import CaptioningError, ImageError
 from captioning.fetch import Fetcher, is_url
+from captioning.output_source import TARS, is_member
 from captioning.storage import Storage
 
 
@@ -24,6 +25,8 @@ def read_source(source: str, fetcher: Fetcher | None, storage: Storage | None = 
 
     max_bytes caps local and S3 reads (checked from the size before reading); URLs use the fetcher's cap.
     """
+    if is_member(source):  # an image a WebDataset bulk output kept (captioning/output_source.py)
+        return TARS.member(source, storage or Storage(), max_bytes)
     if is_url(source):
         if fetcher is None:
             raise CaptioningError(source, "URLs need a fetcher (network access was not configured)")

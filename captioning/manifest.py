@@ -30,6 +30,7 @@ class ManifestSpec:
     image_column: str = "image"
     caption_column: str = "caption"
     id_column: str | None = None
+    use_generated: bool = False  # a bulk output as the source: its generated captions, not the references
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,11 @@ def iter_rows(path: str | Path, spec: ManifestSpec | None = None, storage: Stora
     """Stream the rows of a manifest (local, file:// or s3://); a malformed row comes with its error set."""
     spec = spec or ManifestSpec()
     source = str(path)
+    from captioning.output_source import bulk_output_format, output_rows  # noqa: PLC0415
+
+    if spec.format == "auto" and bulk_output_format(source, storage or Storage()):
+        yield from output_rows(source, spec, storage or Storage())
+        return
     local = str(local_path(source))
     if is_s3(source):
         try:

@@ -29,9 +29,12 @@ def _data(source: str, storage: Storage) -> dict[str, Any]:
         made = FeatureSet(source, storage)
         return {"source": source, "content": f"features {made.backbone['fingerprint']}, {len(made.shards)} shards, "
                                              f"{made.pairs} captions"}
-    if not storage.exists(source):
+    from captioning.output_source import bulk_output_format, describe_source  # noqa: PLC0415
+
+    output = bulk_output_format(source, storage)
+    if output is None and not storage.exists(source):
         raise CaptioningError(source, "manifest not found")
-    described = storage.describe(source)
+    described = describe_source(source, storage, output)
     fingerprint = described.get("sha256") or str(described.get("etag", "")).strip('"')
     return {"source": source, "content": f"{described['bytes']} bytes, {str(fingerprint)[:16]}"}
 

@@ -28,6 +28,7 @@ from captioning.generate import GenerationConfig, Generator
 from captioning.lease import leased
 from captioning.manifest import Manifest, ManifestSpec, iter_rows
 from captioning.model import BANNED, Captioner, output_bias
+from captioning.output_source import bulk_output_format, describe_source
 from captioning.runs import claim_run, run_settings
 from captioning.shards import defaults
 from captioning.storage import Storage, cache_dir, is_s3, local_path
@@ -109,7 +110,8 @@ def _uri(source: str | Path | Manifest) -> str:
 def _make_feature_set(source: str, config: TrainConfig, spec: ManifestSpec, root: str,
                       make: MakeFeatures, min_shards: int, backbone: Any = None) -> FeatureSet:
     storage = Storage(config.storage)
-    if not storage.exists(source):
+    output = bulk_output_format(source, storage)
+    if output is None and not storage.exists(source):
         raise CaptioningError(source, "manifest not found")
     from captioning.features import Backbone  # noqa: PLC0415
 
@@ -119,7 +121,7 @@ def _make_feature_set(source: str, config: TrainConfig, spec: ManifestSpec, root
     if min_shards > 1:  # every worker needs shards of its own, and a few to shuffle
         rows = sum(1 for _ in iter_rows(source, spec, storage))
         shard_size = max(1, min(defaults.SHARD_SIZE, rows // min_shards))
-    described = json.dumps([storage.describe(source), spec.__dict__, shard_size], sort_keys=True)
+    described = json.dumps([describe_source(source, storage, output), spec.__dict__, shard_size], sort_keys=True)
     folder = "/".join([root.rstrip("/"), f"{backbone.name}-{backbone.fingerprint()}",
                        hashlib.sha256(described.encode()).hexdigest()[:16]])
     features = FeaturesConfig.reading_own_kind(

@@ -21,11 +21,9 @@ import pyarrow as pa
 from captioning.bulk import OUTPUT_SCHEMA, SCHEMA_FIELDS, CaptionWriter, Captioned
 from captioning.bulk_config import BulkConfig
 from captioning.images import image_extension
+from captioning.output_source import FOLDER, tar_members
 from captioning.shards.layout import shard_name, uri
 from captioning.storage import Storage
-
-FOLDER = "shards"
-
 
 def tar_uri(output: str, shard: int) -> str:
     """Where a shard's tar lives."""
@@ -35,12 +33,6 @@ def tar_uri(output: str, shard: int) -> str:
 def sample_key(row: int) -> str:
     """A row's sample key: no dots (WebDataset splits a member's name at its first dot), sorted as rows are."""
     return f"{row:012d}"
-
-
-def tar_members(data: bytes) -> dict[str, bytes]:
-    """Every regular file of a tar, by name."""
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}  # type: ignore[union-attr]
 
 
 class WebDatasetWriter(CaptionWriter):
@@ -72,7 +64,9 @@ class WebDatasetWriter(CaptionWriter):
             if row["status"] == "ok":
                 image = images.get(row["row"])
                 if image is not None:
-                    files.append((f"{key}.{image_extension(image)}", image))
+                    member = f"{key}.{image_extension(image)}"
+                    files.append((member, image))
+                    row["image_file"] = f"{FOLDER}/{shard_name(processed.shard)}.tar#{member}"
                 files.append((f"{key}.txt", (row["caption"] or "").encode()))
                 if row["attention_file"]:
                     start, length = row["attention_offset"], row["attention_length"]

@@ -200,13 +200,18 @@ def manifest_options(parser: argparse.ArgumentParser, image: str = "image",
         data.add_argument("--image-column", default=image, help="column with the image path or URL")
     data.add_argument("--caption-column", default="caption", help=caption_help)
     data.add_argument("--id-column", default=None, help="column with a row id (default: the row number)")
+    if image != "url":  # image manifests (features, train, retrain, evaluate) may be WebDataset bulk outputs
+        data.add_argument("--use-generated", action="store_true",
+                          help="a WebDataset bulk output as the manifest: train on its generated captions "
+                          "(default: the manifest's reference captions it kept)")
 
 
 def manifest_spec(args: argparse.Namespace) -> Any:
     """The ManifestSpec of manifest_options."""
     from captioning.manifest import ManifestSpec  # noqa: PLC0415
 
-    return ManifestSpec(args.format, args.image_column, args.caption_column, args.id_column)
+    return ManifestSpec(args.format, args.image_column, args.caption_column, args.id_column,
+                        getattr(args, "use_generated", False))
 
 
 def generation_options(parser: argparse.ArgumentParser) -> None:

@@ -26,6 +26,8 @@ from typing import Any, Callable
 from captioning.config import Scaling, TrainConfig, option
 from captioning.errors import CaptioningError
 from captioning.manifest import ManifestSpec
+from captioning.output_source import bulk_output_format, describe_source
+from captioning.shards.layout import PLAN
 from jobs.options import (config_values, guarded, job_parser, log, manifest_spec, retrain_options, scaling, show_progress,
                                 train_config)
 from captioning.lease import Lease, leased
@@ -70,7 +72,12 @@ def find_new(registry: Registry, data_prefix: str, storage: Storage) -> list[dic
     if is_s3(data_prefix) and not listing:
         raise CaptioningError(data_prefix, "nothing is stored under this prefix: --data-prefix must name the prefix "
                               "of training manifests")
-    manifests = [uri for uri in listing if uri.lower().endswith(MANIFEST_SUFFIXES)]
+    # A WebDataset bulk output under the prefix is one manifest (its images are in its tars), and its own files
+    # (shard inputs among them) are not manifests.
+    outputs = sorted({u.rsplit("/", 1)[0] for u in listing if u.rsplit("/", 1)[-1] == PLAN
+                      and bulk_output_format(u.rsplit("/", 1)[0], storage)})
+    manifests = [uri for uri in listing if uri.lower().endswith(MANIFEST_SUFFIXES)
+                 and not any(uri.startswith(output + "/") for output in outputs)] + outputs
     if listing and not manifests:  # files, but none a manifest: the prefix of something else
         raise CaptioningError(data_prefix, f"holds {len(listing)} file(s) but no training manifest "
                               f"({', '.join(MANIFEST_SUFFIXES)})")
@@ -80,7 +87,7 @@ def find_new(registry: Registry, data_prefix: str, storage: Storage) -> list[dic
             for m in info.get("manifests", [])}
     found = []
     for uri in manifests:
-        described = storage.describe(uri)
+        described = describe_source(uri, storage, "webdataset" if uri in outputs else None)
         if (uri, described.get("etag") or described.get("sha256")) not in seen:
             found.append({"uri": uri, **described})
     return found

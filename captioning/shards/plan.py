@@ -12,6 +12,7 @@ from typing import Any, Mapping
 from captioning.errors import CaptioningError
 from captioning.fetch import TRANSIENT_REASONS
 from captioning.manifest import iter_rows
+from captioning.output_source import bulk_output_format, describe_source
 from captioning.shards.config import ShardedJob
 from captioning.shards.layout import COMMITTED, PLAN, input_uri, marker_uri, shard_name, uri
 from captioning.shards.payloads import PlannedRow
@@ -174,7 +175,8 @@ class _Planner:
             # A misread manifest (wrong --url-column or --format), caught before anything is written.
             raise CaptioningError(self.config.manifest, f"its first {len(head)} rows are all malformed "
                                   f"({(head[0].error or '').split(': ', 1)[-1]}); check --format and --url-column")
-        self.manifest = self.storage.describe(self.config.manifest)
+        manifest = self.config.manifest
+        self.manifest = describe_source(manifest, self.storage, bulk_output_format(manifest, self.storage))
         record = plan_record(self.config)
         self.tag = self.storage.create(self.where, json.dumps({**record, "generations": []}).encode())
         if self.tag is not None:

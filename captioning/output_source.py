@@ -59,15 +59,26 @@ def bulk_output_format(location: str, storage: Storage) -> str | None:
     return plan.get("output_format") or "parquet"
 
 
+def check_source(location: str, storage: Storage) -> None:
+    """Before any work: a bulk output given as a manifest must keep its images and be finished."""
+    kind = bulk_output_format(location, storage)
+    if kind is not None:
+        _usable(location, kind)
+        describe_source(location, storage, kind)
+
+
+def _usable(location: str, kind: str | None) -> None:
+    if kind != "webdataset":
+        raise CaptioningError(location, "is a bulk output in Parquet, which keeps no images: caption with "
+                              "--output-format webdataset to compute features or train from an output")
+
+
 def output_rows(location: str, spec: "ManifestSpec", storage: Storage) -> Iterator["Row"]:
     """The rows of a WebDataset bulk output whose image it kept, each naming its tar member: captions from the
     manifest's reference caption, or with spec.use_generated the caption the job wrote."""
     from captioning.manifest import Row  # noqa: PLC0415
 
-    kind = bulk_output_format(location, storage)
-    if kind != "webdataset":
-        raise CaptioningError(location, "is a bulk output in Parquet, which keeps no images: caption with "
-                              "--output-format webdataset to compute features or train from an output")
+    _usable(location, bulk_output_format(location, storage))
     column = "caption" if spec.use_generated else "reference"
     rows = []
     for marker in sorted(storage.list(uri(location, COMMITTED))):

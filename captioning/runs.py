@@ -29,10 +29,12 @@ def _data(source: str, storage: Storage) -> dict[str, Any]:
         made = FeatureSet(source, storage)
         return {"source": source, "content": f"features {made.backbone['fingerprint']}, {len(made.shards)} shards, "
                                              f"{made.pairs} captions"}
-    from captioning.output_source import bulk_output_format, describe_source  # noqa: PLC0415
+    from captioning.output_source import bulk_output_format, check_source, describe_source  # noqa: PLC0415
 
     output = bulk_output_format(source, storage)
-    if output is None and not storage.exists(source):
+    if output is not None:
+        check_source(source, storage)  # before any work: a Parquet or unfinished output is refused here
+    elif not storage.exists(source):
         raise CaptioningError(source, "manifest not found")
     described = describe_source(source, storage, output)
     fingerprint = described.get("sha256") or str(described.get("etag", "")).strip('"')

@@ -92,7 +92,9 @@ def _process(plugin: Plugin, config: Any, planned: Planned, address: str | None,
     items = ray.data.from_items([ShardInput(shard).to_row() for shard in planned.todo],
                                 override_num_blocks=len(planned.todo))
     fetched = items.map(fetch_shard_task, fn_kwargs={"config": config, "writer": writer}, num_cpus=TASK_CPUS,
-                        compute=ray.data.TaskPoolStrategy(size=config.fetch_tasks * config.actors))
+                        # No more tasks than shards: Ray Data warns of a concurrency it can never reach.
+                        compute=ray.data.TaskPoolStrategy(size=min(config.fetch_tasks * config.actors,
+                                                                   len(planned.todo))))
     processed = fetched.map(actor_class(plugin), fn_constructor_kwargs={"plugin": plugin, "config": config},
                             num_cpus=config.actor_cpus, num_gpus=config.num_gpus or None,
                             compute=ray.data.ActorPoolStrategy(size=config.actors))

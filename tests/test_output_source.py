@@ -90,6 +90,13 @@ def test_features_and_training_from_a_webdataset_output_never_touch_the_web(outp
     assert code != 0 and err[-1].startswith(f"error: {root / 'parquet'}: is a bulk output in Parquet, which keeps "
                                             "no images")
     assert not Path(tmp_path / "fs2" / "_committed").exists()
+    # Refused before anything else, the default (downloaded, here unreachable) backbone weights included.
+    for command in (["features", "--manifest", str(root / "parquet"), "--out", str(tmp_path / "fs3")],
+                    ["train", "--train", str(root / "parquet"), "--val", str(root / "wds"), "--out",
+                     str(tmp_path / "m3")]):
+        code = main(command + ["--no-progress"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code != 0 and "is a bulk output in Parquet, which keeps no images" in err[-1] and len(err) <= 2, err
 
 
 def test_retraining_finds_a_webdataset_output_under_its_prefix_as_one_manifest(outputs, tmp_path):

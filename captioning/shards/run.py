@@ -9,6 +9,7 @@ from typing import Any
 
 from captioning import console
 from captioning.errors import CaptioningError
+from captioning.output_source import check_source
 from captioning.shards.fetching import fetch_shard
 from captioning.shards.payloads import ShardInput
 from captioning.shards.plan import Layout, plan_shards
@@ -39,6 +40,7 @@ class Planned:
 def begin(plugin: Plugin, config: Any, storage: Storage, log: Log) -> Planned:
     """Under the run's lease: the plug-in's preparation, then the plan, and one line saying what is to do."""
     started = time.time()
+    check_source(config.manifest, storage)  # a bulk output as the manifest: usable, before the backbone's download
     words = plugin.prepare(config, storage)  # before the plan: a failure here pins the output to nothing
     seen = plugin.seen(config, storage)
     if seen:

@@ -15,7 +15,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest  # noqa: E402
 
-from captioning.config import ModelConfig, TrainConfig  # noqa: E402
+from captioning.config import FetchConfig, ModelConfig, TrainConfig  # noqa: E402
+
+# Loopback only, and patient: a test that counts rows must not lose one to a 1 s timeout on 2 busy cores.
+PATIENT_LOOPBACK = FetchConfig(allowed_networks=("127.0.0.1/32",), retries=0, read_timeout=20.0, deadline=40.0)
 
 
 @dataclass

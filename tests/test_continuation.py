@@ -16,8 +16,7 @@ from captioning.manifest import ManifestSpec
 from captioning.shards.layout import PLAN, input_uri, uri
 from captioning.shards.plan import Layout, plan_record, plan_shards, read_layout
 from captioning.storage import Storage
-from tests.conftest import LoopbackServer, Reply
-from tests.test_bulk_hardening import LOOPBACK
+from tests.conftest import PATIENT_LOOPBACK, LoopbackServer, Reply
 from tests.test_dedupe import jpeg
 
 
@@ -44,7 +43,7 @@ def write_manifest(path: Path, items: list[dict]) -> None:
 
 def config_for(manifest: str, output: str, fmt: str = "auto", shard_size: int = 8) -> BulkConfig:
     spec = ManifestSpec(format=fmt, image_column="url", id_column=None if fmt == "cc-tsv" else "id")
-    return BulkConfig(manifest, "unused", output, spec, shard_size=shard_size, fetch=LOOPBACK)
+    return BulkConfig(manifest, "unused", output, spec, shard_size=shard_size, fetch=PATIENT_LOOPBACK)
 
 
 def planned_rows(output: str, storage: Storage, layout: Layout) -> list[int]:

@@ -16,8 +16,7 @@ from captioning.shards.fetching import fetch_shard, same_bytes_once
 from captioning.shards.payloads import FetchedRow, ShardInput
 from captioning.shards.plan import plan_shards, url_key
 from captioning.storage import Storage
-from tests.conftest import LoopbackServer, Reply
-from tests.test_bulk_hardening import LOOPBACK
+from tests.conftest import PATIENT_LOOPBACK, LoopbackServer, Reply
 
 
 def jpeg(i: int) -> bytes:
@@ -35,7 +34,7 @@ def manifest(path: Path, urls: list[str]) -> str:
 
 def config_for(manifest_path: str, output: str, **overrides) -> BulkConfig:
     return replace(BulkConfig(manifest_path, "unused", output, ManifestSpec(image_column="url", id_column="id"),
-                              shard_size=16, batch_size=8, fetch=LOOPBACK), **overrides)
+                              shard_size=16, batch_size=8, fetch=PATIENT_LOOPBACK), **overrides)
 
 
 def planned(output: str, shards: int) -> list[dict]:

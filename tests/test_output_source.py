@@ -12,8 +12,7 @@ from captioning.manifest import ManifestSpec, iter_rows, read_manifest
 from captioning.output_source import bulk_output_format
 from captioning.storage import Storage
 from cli.main import main
-from tests.conftest import LoopbackServer, Reply, tagged_jpeg
-from tests.test_bulk_hardening import LOOPBACK
+from tests.conftest import PATIENT_LOOPBACK, LoopbackServer, Reply, tagged_jpeg
 
 pytestmark = pytest.mark.ray
 
@@ -35,7 +34,7 @@ def outputs(ray_session, trained_bundle, synthetic_data, tmp_path_factory):
                                               for i, u in enumerate(urls)))
         config = BulkConfig(str(root / "m.jsonl"), str(trained_bundle), str(root / "wds"),
                             ManifestSpec(image_column="url", id_column="id"), shard_size=8, batch_size=8,
-                            fetch=LOOPBACK, output_format="webdataset")
+                            fetch=PATIENT_LOOPBACK, output_format="webdataset")
         assert run(config, log=lambda _: None, progress=False)["statuses"] == {"ok": 16, "http_404": 1,
                                                                                "duplicate": 1}
         run(replace(config, output=str(root / "parquet"), output_format="parquet"), log=lambda _: None,
@@ -133,7 +132,7 @@ def test_a_webdataset_output_on_s3_feeds_the_features_job(ray_session, trained_b
         storage.write_bytes("s3://outputs/wds-in/m.jsonl", manifest.encode())
         config = BulkConfig("s3://outputs/wds-in/m.jsonl", str(trained_bundle), "s3://outputs/wds-src",
                             ManifestSpec(image_column="url", id_column="id"), shard_size=4, batch_size=4,
-                            fetch=LOOPBACK, output_format="webdataset", keep_original=True)
+                            fetch=PATIENT_LOOPBACK, output_format="webdataset", keep_original=True)
         assert run(config, log=lambda _: None, progress=False)["statuses"] == {"ok": 6}
     finally:
         server.close()

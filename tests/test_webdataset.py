@@ -16,8 +16,7 @@ from captioning.bulk import BulkConfig, read_output
 from captioning.images import image_extension
 from captioning.manifest import ManifestSpec
 from captioning.webdataset import FOLDER, sample_key
-from tests.conftest import LoopbackServer, Reply
-from tests.test_bulk_hardening import LOOPBACK
+from tests.conftest import PATIENT_LOOPBACK, LoopbackServer, Reply
 from tests.test_dedupe import jpeg
 
 pytestmark = pytest.mark.ray
@@ -66,7 +65,7 @@ def test_webdataset_output_is_read_by_webdataset_and_ray_data_and_retries_keep_t
     (tmp_path / "m.jsonl").write_text("".join(json.dumps({"id": f"r{i}", "url": u}) + "\n" for i, u in enumerate(urls)))
     out = tmp_path / "out"
     config = BulkConfig(str(tmp_path / "m.jsonl"), str(trained_bundle), str(out),
-                        ManifestSpec(image_column="url", id_column="id"), shard_size=5, batch_size=4, fetch=LOOPBACK,
+                        ManifestSpec(image_column="url", id_column="id"), shard_size=5, batch_size=4, fetch=PATIENT_LOOPBACK,
                         output_format="webdataset", keep_original=True)
     summary = run(config, log=lambda _: None, progress=False)
     assert summary["statuses"] == {"ok": 13, "http_404": 1, "http_503": 1, "duplicate": 1}

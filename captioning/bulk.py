@@ -252,6 +252,7 @@ class Captioning(Plugin):
     """Bulk captioning: a caption per manifest row, with attention maps, into Parquet."""
 
     what = "captioning batch run"
+    kind = "batch"
     label = "captioning"
     stage_class = CaptionShard
     payload = Captioned

@@ -75,6 +75,9 @@ class ModelConfig:
         return cls(**data)
 
 
+OPT_OUT_TOKENS = ("noai", "noimageai", "tdm-reservation")
+
+
 @dataclass(frozen=True)
 class FetchConfig:
     """How URLs are fetched: timeouts, retries, limits and the private-address guard."""
@@ -98,6 +101,44 @@ class FetchConfig:
                                                group="network", help="let URLs reach this private network only "
                                                "(repeatable), e.g. 127.0.0.1/32")
     respect_robots_header: bool = True
+    opt_out_tokens: tuple[str, ...] = option(
+        "--opt-out-token", default=OPT_OUT_TOKENS, kind="append", metavar="TOKEN",
+        group="network", help="an opt-out a response's headers may carry that stops its body from being read "
+        f"(repeatable; default: {', '.join(OPT_OUT_TOKENS)}): X-Robots-Tag tokens, or tdm-reservation (TDMRep's "
+        "`tdm-reservation: 1`); `none` honours none")
+
+
+@dataclass(frozen=True)
+class PolitenessConfig:
+    """What a sharded job owes the hosts it fetches from, held for the whole job (every task and node together)."""
+
+    per_host_concurrency: int = option(
+        "--per-host-concurrency", default=4, kind="count", metavar="N", group="politeness",
+        help="requests in flight to one host at once, across the whole job (0: no limit)")
+    per_host_rate: float | None = option(
+        "--per-host-rate", default=None, kind="seconds", metavar="R", group="politeness",
+        help="requests per second to one host, across the whole job (default: no rate limit)")
+    ignore_robots_txt: bool = option(
+        "--ignore-robots-txt", default=False, kind="flag", group="politeness",
+        help="do not fetch or honour hosts' robots.txt (default: fetched once per host per job and honoured for "
+        "this tool's user agent and *; rows it forbids are robots_disallowed, never requested)")
+    breaker_failures: int = option(
+        "--host-failures", default=5, kind="count", metavar="N", group="politeness",
+        help="failures in a row (connection, timeout, 5xx) after which a host gets no more requests in this job: "
+        "its rows are host_unavailable, which --retry-failed retries (0: never give up on a host)")
+    max_retry_after: float = 120.0  # seconds of Retry-After waited for; longer, and the rows are throttled (transient)
+    slow_after: int = 3  # 429/503 answers in a row after which a host's limits are halved for the rest of the job
+    systemic_window: int = 24  # request outcomes a fetch task judges "our side is failing" on
+    systemic_share: float = 0.8  # ... the share of them failing with one our-side cause, over >= 3 hosts
+    systemic_pause: float = 30.0  # seconds fetching pauses when that happens, doubled on each repeat
+    systemic_retries: int = 2  # pauses before the rows are given up as systemic_failure (transient)
+    ledger_shards: int = 0  # host-ledger actors (0: one per 32 fetch tasks)
+
+    @property
+    def active(self) -> bool:
+        """Whether a job needs the host ledger at all."""
+        return bool(self.per_host_concurrency or self.per_host_rate or not self.ignore_robots_txt
+                    or self.breaker_failures)
 
 
 @dataclass(frozen=True)

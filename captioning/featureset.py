@@ -149,6 +149,7 @@ class Features(Plugin):
     the configured one, built on the driver and loaded by every actor from the feature set's own weights)."""
 
     what = "features run"
+    kind = "features"
     label = "backbone features"
     stage_class = EmbedShard
     payload = Embedded

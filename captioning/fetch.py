@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import email.utils
 import ipaddress
 import socket
 import threading
 import time
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Protocol
 from urllib.parse import urljoin, urlsplit
 
 import urllib3
@@ -27,8 +29,29 @@ from captioning.config import FetchConfig
 from captioning.errors import FetchError, redact
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+THROTTLE_STATUSES = frozenset({429, 503})  # a host asking us to slow down (Retry-After)
+# Statuses --retry-failed fetches again: the network's, the host's "later", and the politeness ledger's own.
 TRANSIENT_REASONS = frozenset({"timeout", "connection_error", "http_408", "http_429", "http_500", "http_502",
-                               "http_503", "http_504"})
+                               "http_503", "http_504", "host_unavailable", "host_throttled", "robots_unavailable",
+                               "systemic_failure"})
+
+
+def getaddrinfo(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+    """The resolver (looked up per call, so that a test can inject a failing one)."""
+    return socket.getaddrinfo(*args, **kwargs)
+
+
+class HostGate(Protocol):
+    """What a fetcher asks before and tells after each request to a host (captioning/hosts.py: the job's ledger)."""
+
+    def permit(self, url: str, host: str) -> "contextlib.AbstractContextManager[None]":
+        """Hold one of the host's concurrent-request slots for a whole fetch (its attempts and body)."""
+
+    def before_attempt(self, url: str, host: str, deadline: float) -> None:
+        """Wait for the host's turn (rate, Retry-After); raise FetchError if that is past deadline (monotonic)."""
+
+    def after_attempt(self, host: str, status: int | None, kind: str, retry_after: float | None) -> None:
+        """What an attempt got: an HTTP status, or the kind of failure (dns, refused, tls, timeout, reset)."""
 
 
 @dataclass(frozen=True)
@@ -90,8 +113,59 @@ def check_host(url: str, host: str) -> None:
         raise _error(url, "host name is over 253 characters", "bad_url")
 
 
-def _error(url: str, message: str, reason: str) -> FetchError:
-    return FetchError(redact(url), message, reason)
+def _error(url: str, message: str, reason: str, kind: str = "") -> FetchError:
+    """A FetchError; kind says which side failed for the systemic-failure check: dns, refused, tls, timeout, reset,
+    http (the host answered), or "" (this URL's own fault)."""
+    err = FetchError(redact(url), message, reason)
+    err.kind = kind  # type: ignore[attr-defined]
+    return err
+
+
+def failure_kind(err: BaseException) -> str:
+    """The kind _error gave a fetch failure ("" for any other error)."""
+    return getattr(err, "kind", "")
+
+
+def retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds a Retry-After header asks for (delta seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None or when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+# X-Robots-Tag rules that carry a value after a colon (anything else before a colon names a user agent).
+_VALUED_RULES = ("unavailable_after", "max-snippet", "max-image-preview", "max-video-preview")
+
+
+def opted_out(headers: "urllib3.HTTPHeaderDict", tokens: tuple[str, ...], agent: str) -> str | None:
+    """The opt-out a response's headers carry among tokens (X-Robots-Tag rules for every agent or ours, and
+    TDMRep's tdm-reservation: 1), or None. Read from the headers alone, before any of the body."""
+    if not tokens or "none" in tokens:
+        return None
+    wanted = {t.lower() for t in tokens}
+    if "tdm-reservation" in wanted and headers.get("tdm-reservation", "").strip() == "1":
+        return "tdm-reservation: 1"
+    ours = agent.split("/", 1)[0].strip().lower()
+    for value in headers.getlist("X-Robots-Tag") if hasattr(headers, "getlist") else [headers.get("X-Robots-Tag", "")]:
+        value = value.strip().lower()
+        head, colon, rest = value.partition(":")
+        if colon and "," not in head and head.strip() not in _VALUED_RULES:
+            if head.strip() != ours:
+                continue  # rules for another crawler
+            value = rest
+        for rule in (r.strip() for r in value.split(",")):
+            if rule in wanted:
+                return f"X-Robots-Tag: {rule}"
+    return None
 
 
 class _Watch:
@@ -182,22 +256,37 @@ class _WatchedHTTPSConnection(_Watched, HTTPSConnection):
 class Fetcher:
     """Thread-safe fetcher; each resolved address is checked, then that same address is connected to."""
 
-    def __init__(self, config: FetchConfig | None = None) -> None:
+    def __init__(self, config: FetchConfig | None = None, gate: HostGate | None = None) -> None:
+        """gate: the job's per-host politeness (None: requests go out as soon as a thread is free)."""
         self.config = config or FetchConfig()
+        self.gate = gate
         self._pools: dict[tuple[str, str, int, str], urllib3.HTTPConnectionPool] = {}
         self._allowed = [ipaddress.ip_network(net, strict=False) for net in self.config.allowed_networks]
         self._lock = threading.Lock()
 
-    def get(self, url: str) -> Fetched:
-        """GET url and return its body; raises FetchError with a reason code."""
+    def get(self, url: str, max_bytes: int | None = None, truncate: bool = False, opt_outs: bool = True) -> Fetched:
+        """GET url and return its body; raises FetchError with a reason code.
+
+        max_bytes: the body's cap (over it: too_large, or with truncate its first max_bytes); opt_outs: whether a
+        response's opt-out headers stop it (not for robots.txt, which is itself the host's word)."""
         start = time.monotonic()
-        with self._watching(url, self.config.deadline):
-            final, response = self._open(url)
+        with self._permit(url), self._watching(url, self.config.deadline):
+            final, response = self._open(url, opt_outs)
             try:
-                data = b"".join(self._stream(url, response, self.config.max_bytes))
+                data = b"".join(self._stream(url, response, max_bytes or self.config.max_bytes, truncate))
             finally:
                 response.release_conn()
         return Fetched(final, data, response.headers.get("Content-Type", ""), time.monotonic() - start)
+
+    def _permit(self, url: str) -> "contextlib.AbstractContextManager[None]":
+        """The gate's slot for url's host, held for the whole fetch (no gate: none needed)."""
+        if self.gate is None:
+            return contextlib.nullcontext()
+        try:
+            host = (urlsplit(url).hostname or "").lower()
+        except ValueError:
+            return contextlib.nullcontext()  # _get_once names the malformed URL
+        return self.gate.permit(url, host) if host else contextlib.nullcontext()
 
     def download(self, url: str, path: Path, max_bytes: int, max_lines: int | None = None,
                  deadline: float | None = None) -> Path:
@@ -241,17 +330,17 @@ class Fetcher:
             _WATCHDOG.remove(watch)
             _current.watch = None
 
-    def _open(self, url: str) -> tuple[str, urllib3.BaseHTTPResponse]:
+    def _open(self, url: str, opt_outs: bool = True) -> tuple[str, urllib3.BaseHTTPResponse]:
         """Follow redirects (each hop re-checked by the guard) to a 200 response, body not yet read."""
         try:
-            return self._follow(url)
+            return self._follow(url, opt_outs)
         except FetchError as err:
             if err.source == redact(url):
                 raise
             # Name the URL the caller asked for; say where along the redirects it failed.
             raise _error(url, f"{err.message} (at {err.source})", err.reason) from None
 
-    def _follow(self, url: str) -> tuple[str, urllib3.BaseHTTPResponse]:
+    def _follow(self, url: str, opt_outs: bool = True) -> tuple[str, urllib3.BaseHTTPResponse]:
         seen = []
         for _ in range(self.config.max_redirects + 1):
             seen.append(url)
@@ -270,10 +359,14 @@ class Fetcher:
             if response.status != 200:
                 response.release_conn()
                 raise _error(url, f"HTTP {response.status}", f"http_{response.status}")
-            robots = response.headers.get("X-Robots-Tag", "").lower()
-            if self.config.respect_robots_header and ("noai" in robots or "noimageai" in robots):
+            opt_out = opted_out(response.headers, self.config.opt_out_tokens, self.config.user_agent) \
+                if self.config.respect_robots_header and opt_outs else None
+            if opt_out:
+                # Closed, not drained: the body is never read (the host sees the connection end after the headers).
+                response.close()
                 response.release_conn()
-                raise _error(url, f"X-Robots-Tag forbids AI use ({robots})", "robots_noai")
+                reason = "tdm_reserved" if opt_out.startswith("tdm") else "robots_noai"
+                raise _error(url, f"the response opts out of AI use ({opt_out})", reason, "http")
             return url, response
         raise _error(seen[0], f"more than {self.config.max_redirects} redirects", "too_many_redirects")
 
@@ -294,12 +387,17 @@ class Fetcher:
         timeout = urllib3.Timeout(connect=self.config.connect_timeout, read=self.config.read_timeout)
         reason, message = "error", ""
         watch: _Watch | None = getattr(_current, "watch", None)
+        gate, name = self.gate, parts.hostname.lower()
+        waited = None  # a Retry-After the gate waits out instead of the backoff
+        kind = ""
         for attempt in range(self.config.retries + 1):
             if attempt:
-                pause = self.config.backoff * 2 ** (attempt - 1)
+                pause = 0.0 if waited is not None else self.config.backoff * 2 ** (attempt - 1)
                 if watch is not None and (watch.expired or time.monotonic() + pause > watch.deadline):
                     break  # the watchdog cut the last attempt, or no time is left for another
                 time.sleep(pause)
+            if gate is not None:
+                gate.before_attempt(url, name, watch.deadline if watch is not None else time.monotonic() + 3600)
             try:
                 address = self._resolve(url, parts.hostname, port)
                 pool = self._pool(parts.scheme, address, port, parts.hostname)
@@ -307,34 +405,53 @@ class Fetcher:
                     "GET", path, headers={"Host": host_header, "User-Agent": self.config.user_agent},
                     redirect=False, retries=False, preload_content=False, timeout=timeout,
                 )
+            except FetchError as err:
+                if gate is not None:
+                    gate.after_attempt(name, None, failure_kind(err), None)
+                raise
             except NewConnectionError as err:  # before ConnectTimeoutError: urllib3 subclasses it
-                reason, message = "connection_error", f"connection failed: {_cause(err)}"
+                cause = _cause(err)
+                reason, message = "connection_error", f"connection failed: {cause}"
+                kind = "refused" if "refused" in cause.lower() else "reset"
+                self._told(name, None, kind, None)
                 continue
             except (ConnectTimeoutError, ReadTimeoutError, socket.timeout):
-                reason, message = "timeout", "timed out"
+                reason, message, kind = "timeout", "timed out", "timeout"
+                self._told(name, None, kind, None)
                 continue
             except SSLError as err:
-                raise _error(url, f"TLS error: {err}", "tls_error") from None
+                self._told(name, None, "tls", None)
+                raise _error(url, f"TLS error: {err}", "tls_error", "tls") from None
             except (ProtocolError, HTTPError, OSError) as err:
-                reason, message = "connection_error", f"connection failed: {type(err).__name__}"
+                reason, message, kind = "connection_error", f"connection failed: {type(err).__name__}", "reset"
+                self._told(name, None, kind, None)
                 continue
+            kind = "http"
+            wait = retry_after(response.headers.get("Retry-After")) if response.status in THROTTLE_STATUSES else None
+            self._told(name, response.status, kind, wait)
             if response.status in RETRY_STATUSES:
                 response.drain_conn()
                 response.release_conn()
                 reason, message = f"http_{response.status}", f"HTTP {response.status}"
+                waited = wait if gate is not None else None
                 continue
             if response.status >= 400:
                 response.drain_conn()
                 response.release_conn()
-                raise _error(url, f"HTTP {response.status}", f"http_{response.status}")
+                raise _error(url, f"HTTP {response.status}", f"http_{response.status}", kind)
             return response
         if watch is not None and watch.expired:
-            raise _error(url, watch.expired, "timeout")
-        raise _error(url, f"{message} after {attempt + 1} attempts", reason)
+            raise _error(url, watch.expired, "timeout", "timeout")
+        raise _error(url, f"{message} after {attempt + 1} attempts", reason, kind)
 
-    def _stream(self, url: str, response: urllib3.BaseHTTPResponse, limit: int) -> Iterator[bytes]:
+    def _told(self, host: str, status: int | None, kind: str, wait: float | None) -> None:
+        if self.gate is not None:
+            self.gate.after_attempt(host, status, kind, wait)
+
+    def _stream(self, url: str, response: urllib3.BaseHTTPResponse, limit: int,
+                truncate: bool = False) -> Iterator[bytes]:
         declared = response.headers.get("Content-Length")
-        if declared and declared.isdigit() and int(declared) > limit:
+        if declared and declared.isdigit() and int(declared) > limit and not truncate:
             raise _error(url, f"body of {declared} bytes is over the {limit} byte limit", "too_large")
         total = 0
         watch: _Watch | None = getattr(_current, "watch", None)
@@ -344,6 +461,10 @@ class Fetcher:
                 if watch is not None:
                     watch.received += len(chunk)
                 if total > limit:
+                    if truncate:
+                        yield chunk[: len(chunk) - (total - limit)]
+                        response.close()
+                        return
                     raise _error(url, f"body is over the {limit} byte limit", "too_large")
                 yield chunk
         except (ReadTimeoutError, socket.timeout):
@@ -355,13 +476,15 @@ class Fetcher:
 
     def _resolve(self, url: str, host: str, port: int) -> str:
         try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            infos = getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except socket.gaierror as err:
-            raise _error(url, f"cannot resolve host {host!r}: {err.strerror}", "dns_error") from None
+            # A name that does not exist is the URL's fault; a resolver that fails (EAI_AGAIN, EAI_FAIL) is ours.
+            kind = "nxdomain" if err.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", -5)) else "dns"
+            raise _error(url, f"cannot resolve host {host!r}: {err.strerror}", "dns_error", kind) from None
         except (UnicodeError, ValueError) as err:  # IDNA failures, NUL bytes
             raise _error(url, f"invalid host name {host!r}: {err}", "bad_url") from None
         except OSError as err:
-            raise _error(url, f"cannot resolve host {host!r}: {err}", "dns_error") from None
+            raise _error(url, f"cannot resolve host {host!r}: {err}", "dns_error", "dns") from None
         addresses = [info[4][0] for info in infos]
         if not self.config.allow_private_networks:
             for address in addresses:

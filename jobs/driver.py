@@ -18,12 +18,17 @@ from captioning.shards.plugin import Plugin
 from captioning.shards.run import Planned, begin, finish
 from captioning.shards.writer import Writer
 from captioning.storage import Storage
+from captioning.shards.metrics import count_statuses
+from jobs.hosts import RayLink, ledger_figures, start_ledger
+from jobs.metrics import RayMetrics
 from jobs.ray_setup import CONNECT_TIMEOUT, TASK_CPUS, connect, outage_error
 
 
-def fetch_shard_task(row: dict[str, Any], config: ShardedJob, writer: Writer) -> dict[str, Any]:
-    """Ray task: the engine's fetch stage on one shard."""
-    return fetch_shard(ShardInput.from_row(row), config, writer).to_row()
+def fetch_shard_task(row: dict[str, Any], config: ShardedJob, writer: Writer, ledger: list[Any],
+                     job: str) -> dict[str, Any]:
+    """Ray task: the engine's fetch stage on one shard, polite through the job's host ledger."""
+    return fetch_shard(ShardInput.from_row(row), config, writer, RayLink(ledger) if ledger else None,
+                       RayMetrics(job)).to_row()
 
 
 class ModelStage:
@@ -31,9 +36,17 @@ class ModelStage:
 
     def __init__(self, plugin: Plugin, config: ShardedJob) -> None:
         self.stage = plugin.stage(config)
+        self.metrics = RayMetrics(plugin.kind)
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        return self.stage(FetchedShard.from_row(row)).to_row()
+        fetched = FetchedShard.from_row(row)
+        began = time.perf_counter()
+        out = self.stage(fetched).to_row()
+        busy = time.perf_counter() - began
+        self.metrics.count("captioning_actor_busy_seconds", busy)
+        if len(fetched.images):
+            self.metrics.observe("captioning_inference_seconds", busy / len(fetched.images))
+        return out
 
 
 def actor_class(plugin: Plugin) -> type:
@@ -43,9 +56,12 @@ def actor_class(plugin: Plugin) -> type:
     return type(name, (ModelStage,), {"__module__": __name__, "__qualname__": name})
 
 
-def write_shard_task(row: dict[str, Any], writer: Writer, processed: type) -> dict[str, Any]:
-    """Ray task: the plug-in's writer on one processed shard."""
-    return writer.write(processed.from_row(row)).to_row()
+def write_shard_task(row: dict[str, Any], writer: Writer, processed: type, job: str) -> dict[str, Any]:
+    """Ray task: the plug-in's writer on one processed shard; its rows counted by status."""
+    shard = processed.from_row(row)
+    committed = writer.write(shard)
+    count_statuses(RayMetrics(job), (r.status for r in shard.rows))
+    return committed.to_row()
 
 
 def check_cpus(config: ShardedJob, cpus: float, fixed: bool, log: Callable[[str], None]) -> None:
@@ -89,17 +105,19 @@ def _process(plugin: Plugin, config: Any, planned: Planned, address: str | None,
     context.execution_options.resource_limits = context.execution_options.resource_limits.copy(
         object_store_memory=shard_bytes * plugin.buffered(config) * config.actors)
     writer = plugin.writer(config)
+    tasks = min(config.fetch_tasks * config.actors, len(planned.todo))
+    ledger = start_ledger(config.politeness, tasks)
     items = ray.data.from_items([ShardInput(shard).to_row() for shard in planned.todo],
                                 override_num_blocks=len(planned.todo))
-    fetched = items.map(fetch_shard_task, fn_kwargs={"config": config, "writer": writer}, num_cpus=TASK_CPUS,
+    fetched = items.map(fetch_shard_task, fn_kwargs={"config": config, "writer": writer, "ledger": ledger,
+                                                     "job": plugin.kind}, num_cpus=TASK_CPUS,
                         # No more tasks than shards: Ray Data warns of a concurrency it can never reach.
-                        compute=ray.data.TaskPoolStrategy(size=min(config.fetch_tasks * config.actors,
-                                                                   len(planned.todo))))
+                        compute=ray.data.TaskPoolStrategy(size=tasks))
     processed = fetched.map(actor_class(plugin), fn_constructor_kwargs={"plugin": plugin, "config": config},
                             num_cpus=config.actor_cpus, num_gpus=config.num_gpus or None,
                             compute=ray.data.ActorPoolStrategy(size=config.actors))
-    written = processed.map(write_shard_task, fn_kwargs={"writer": writer, "processed": plugin.payload},
-                            num_cpus=TASK_CPUS)
+    written = processed.map(write_shard_task, fn_kwargs={"writer": writer, "processed": plugin.payload,
+                                                          "job": plugin.kind}, num_cpus=TASK_CPUS)
     counts: Counter = Counter()
     bar = console.progress(plugin.total(config, planned.todo, planned.layout), plugin.label, plugin.unit,
                            progress)
@@ -114,4 +132,10 @@ def _process(plugin: Plugin, config: Any, planned: Planned, address: str | None,
         raise outage_error(err, planned.shards_total - len(planned.todo) + counts["shards"],
                            planned.shards_total) from None
     bar.close()
+    if ledger:
+        figures = ledger_figures(ledger)
+        if any(figures.values()):
+            log("hosts: " + ", ".join(f"{name.replace('_', ' ')} {value}" for name, value in figures.items() if value))
+        for handle in ledger:
+            ray.kill(handle)
     return counts["rows"]

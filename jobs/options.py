@@ -13,7 +13,7 @@ import sys
 from typing import Any, Callable
 
 from captioning.config import (BACKBONE_CHANNELS, BULK_IMAGE, PRECISIONS, FetchConfig, GenerationConfig, ModelConfig,
-                               Option, Scaling, StorageConfig, TrainConfig, bulk_image)
+                               Option, PolitenessConfig, Scaling, StorageConfig, TrainConfig, bulk_image)
 from jobs.ray_setup import CONNECT_TIMEOUT
 from captioning import console
 from captioning.errors import CaptioningError, captioning_cause
@@ -140,7 +140,7 @@ def group(parser: Any, title: str) -> Any:
 
 TYPES: dict[str, Callable[[str], Any]] = {"str": str, "int": int, "float": float, "positive": positive,
                                          "non_negative": non_negative, "seconds": seconds, "drop": drop,
-                                         "share": share}
+                                         "share": share, "count": non_negative_int}
 
 
 def config_options(parser: argparse.ArgumentParser, config: type, only: tuple[str, ...] | None = None,
@@ -180,6 +180,8 @@ def config_values(args: argparse.Namespace, config: type) -> dict[str, Any]:
         if spec.negated:
             value = not value
         elif spec.kind == "append":
+            if not value and item.default is not MISSING:
+                continue  # not given: the field's own default
             value = tuple(value)
         elif spec.unit != 1 and value is not None:
             value = value * spec.unit
@@ -277,6 +279,7 @@ def ray_options(parser: argparse.ArgumentParser) -> None:
 def sharded_options(parser: argparse.ArgumentParser, config: type) -> None:
     """What the bulk and features jobs share (ShardedConfig's fields, config's own), and the pixel limit."""
     config_options(parser, config, skip=("manifest", "model", "output"))
+    config_options(parser, PolitenessConfig)
     group(parser, "fetching").add_argument("--max-pixels", type=positive, default=BULK_IMAGE.max_pixels,
                                            help="refuse images with more pixels than this")
 
@@ -284,7 +287,8 @@ def sharded_options(parser: argparse.ArgumentParser, config: type) -> None:
 def sharded_config(args: argparse.Namespace, config: type) -> dict[str, Any]:
     """The fields of a sharded job's config: its options', the manifest's, the image limits, network and storage."""
     return {**config_values(args, config), "spec": manifest_spec(args), "image": bulk_image(args.max_pixels),
-            "fetch": fetch_config(args), "storage": storage_config(args)}
+            "fetch": fetch_config(args), "storage": storage_config(args),
+            "politeness": PolitenessConfig(**config_values(args, PolitenessConfig))}
 
 
 # The Ray jobs' option sets -----------------------------------------------------------------------------------

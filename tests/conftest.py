@@ -90,6 +90,10 @@ class LoopbackServer:
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 
+    def fetches(self) -> int:
+        """Requests for anything but /robots.txt (which a polite job asks for once per job)."""
+        return sum(n for path, n in self.hits.items() if path != "/robots.txt")
+
     def url(self, path: str) -> str:
         """Full URL of a path on this server."""
         return f"http://127.0.0.1:{self.port}{path}"
@@ -119,6 +123,15 @@ def seaweed(tmp_path_factory):
         yield server
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def ray_session(seaweed):
     """One local Ray for the session; its workers inherit the SeaweedFS credentials from this environment."""
@@ -126,7 +139,9 @@ def ray_session(seaweed):
 
     saved = {k: os.environ.get(k) for k in seaweed.env()}
     os.environ.update(seaweed.env())
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    # Metrics exported as a cluster's are (each node's agent, Prometheus text), reported every second.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+             _metrics_export_port=free_port(), _system_config={"metrics_report_interval_ms": 1000})
     yield seaweed
     ray.shutdown()
     for key, value in saved.items():

@@ -109,7 +109,7 @@ def test_a_run_fetches_each_url_once_captions_equal_bytes_once_and_skips_what_ea
         config = config_for(manifest(tmp_path / "m.jsonl", urls), str(tmp_path / "first"), model=str(trained_bundle),
                             actors=1)
         summary = run(config, log=lambda _: None, progress=False)
-        assert sum(server.hits.values()) == 50 and set(server.hits.values()) == {1}
+        assert server.fetches() == 50 and set(server.hits.values()) == {1}  # robots.txt once for the job
         rows = sorted(read_output(config.output), key=lambda r: r["row"])
         assert len(rows) == 100 and [r["url"] for r in rows] == urls  # every row, verbatim, in order
         by_url = [r for r in rows if r["row"] > 50]
@@ -128,13 +128,13 @@ def test_a_run_fetches_each_url_once_captions_equal_bytes_once_and_skips_what_ea
         assert shared[1]["caption"] == shared[0]["caption"] and shared[1]["attention_file"] == shared[0]["attention_file"]
 
         # Tomorrow's manifest: ten URLs of today's and five new ones, skipping what today's output holds.
-        hits = sum(server.hits.values())
+        hits = server.fetches()
         tomorrow = urls[:10] + [server.url(f"/u{i}.jpg") for i in range(50, 55)]
         second = replace(config, manifest=manifest(tmp_path / "m2.jsonl", tomorrow), output=str(tmp_path / "second"),
                          skip_seen=(config.output,))
         lines: list[str] = []
         assert run(second, log=lines.append, progress=False)["statuses"] == {"seen": 10, "ok": 5}
-        assert sum(server.hits.values()) - hits == 5
+        assert server.fetches() - hits == 5
         assert any("50 URLs seen in earlier outputs are skipped" in line for line in lines), lines
         assert {r["seen_in"] for r in read_output(second.output) if r["status"] == "seen"} == {config.output}
     finally:

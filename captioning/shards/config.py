@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from captioning.config import BULK_IMAGE, FetchConfig, ImageConfig, StorageConfig, option
+from captioning.config import BULK_IMAGE, FetchConfig, ImageConfig, PolitenessConfig, StorageConfig, option
 from captioning.lease import STALE_AFTER
 from captioning.manifest import ManifestSpec
 from captioning.shards import defaults
@@ -43,6 +43,7 @@ class ShardedConfig:
     retry_failed: bool = False
     lease_stale_after: float = STALE_AFTER  # seconds without a heartbeat before another run may take the output
     fetch: FetchConfig = field(default_factory=FetchConfig)
+    politeness: PolitenessConfig = field(default_factory=PolitenessConfig)
     image: ImageConfig = field(default_factory=lambda: BULK_IMAGE)
     storage: StorageConfig = field(default_factory=StorageConfig)
 
@@ -65,6 +66,7 @@ class ShardedJob(Protocol):
     num_gpus: float
     lease_stale_after: float
     fetch: FetchConfig
+    politeness: PolitenessConfig
     image: ImageConfig
     storage: StorageConfig
 

@@ -3,24 +3,28 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from captioning.errors import CaptioningError, FetchError, internal_error, redact
-from captioning.fetch import TRANSIENT_REASONS, Fetcher
+from captioning.fetch import TRANSIENT_REASONS, Fetcher, failure_kind, is_url
+from captioning.hosts.gate import SYSTEMIC_KINDS, Link, Politeness
 from captioning.images import DecodeBudget, decode_with_size, encode_jpeg, read_source
 from captioning.manifest import SCHEME
 from captioning.shards.payloads import FetchedRow, FetchedShard, PlannedRow, ShardInput
 from captioning.shards import defaults
 from captioning.shards.config import ShardedJob
+from captioning.shards.metrics import NO_METRICS, Metrics, observe_rows
 from captioning.shards.plan import read_planned
 from captioning.shards.timings import StageClock
 from captioning.shards.writer import Writer
@@ -58,10 +62,13 @@ class RowLoader:
     9 core-ms per image in the job against 1 alone (benchmarks/bulk_cc.py, 2026-12-02).
     """
 
-    def __init__(self, config: ShardedJob, storage: Storage, keep: str = "") -> None:
-        """keep: the image bytes an ok row carries on: "original" (as fetched), "model" (its view, as JPEG), ""."""
-        self.config, self.storage, self.keep = config, storage, keep
-        self.fetcher = Fetcher(config.fetch)
+    def __init__(self, config: ShardedJob, storage: Storage, keep: str = "", gate: Politeness | None = None) -> None:
+        """keep: the image bytes an ok row carries on: "original" (as fetched), "model" (its view, as JPEG), "";
+        gate: the job's per-host politeness (None: none)."""
+        self.config, self.storage, self.keep, self.gate = config, storage, keep, gate
+        self.fetcher = Fetcher(config.fetch, gate)
+        self.kinds: dict[int, str] = {}  # row -> the kind of its fetch failure (systemic ones are fetched again)
+        self.fetched_bytes = 0
         self.budget = DecodeBudget(config.decode_memory)
         # CPU seconds the loading threads spent (their own thread clocks): wall times under contention say how
         # long a row waited, these what it cost.
@@ -83,17 +90,41 @@ class RowLoader:
             return out, None, ""
         start, cpu = time.perf_counter(), time.thread_time()
         source, data = "", None
-        try:
-            source = admit(row.url, row.source, self.config)
-            data = read_source(source, self.fetcher, self.storage, max_bytes=self.config.fetch.max_bytes)
-            out.sha256 = hashlib.sha256(data).hexdigest()
-        except CaptioningError as err:
-            out.status, out.error = err.reason, str(err)
-        except Exception as err:  # noqa: BLE001  (one row's surprise must never fail the shard)
-            out.status, out.error = "internal_error", internal_error(err, row.url or "")
+        for _ in range(self._rounds()):
+            out.status, out.error = "ok", None
+            try:
+                source = admit(row.url, row.source, self.config)
+                if self.gate is not None and is_url(source):
+                    self.gate.allowed(source, self.fetcher)
+                data = read_source(source, self.fetcher, self.storage, max_bytes=self.config.fetch.max_bytes)
+                out.sha256 = hashlib.sha256(data).hexdigest()
+                self.kinds.pop(row.row, None)
+                break
+            except CaptioningError as err:
+                out.status, out.error = err.reason, str(err)
+                kind = self.kinds[row.row] = failure_kind(err)
+                verdict = self.gate.systemic(kind) if self.gate is not None else ""
+                if verdict == "retry":  # our side failed, not the host: wait out the job's pause, then again
+                    self.gate.wait_pause()
+                    continue
+                if verdict == "give_up" or (verdict and kind == "paused"):
+                    out.status = "systemic_failure"
+                break
+            except Exception as err:  # noqa: BLE001  (one row's surprise must never fail the shard)
+                out.status, out.error = "internal_error", internal_error(err, row.url or "")
+                break
+        else:
+            out.status = "systemic_failure"  # still failing our side after every pause: transient
+        if data is not None:
+            with self._lock:
+                self.fetched_bytes += len(data)
         out.fetch_seconds = time.perf_counter() - start
         self._spent("fetch_cpu", cpu)
         return out, data, source
+
+    def _rounds(self) -> int:
+        """Tries per row: one, and one more per systemic pause the job may take."""
+        return 1 if self.gate is None else self.config.politeness.systemic_retries + 2
 
     def decode(self, out: FetchedRow, data: bytes | None, source: str) -> tuple[FetchedRow, np.ndarray | None]:
         """The fetched row decoded to the model's input, or its failure as its status."""
@@ -152,11 +183,33 @@ def same_bytes_once(loaded: list[tuple[FetchedRow, np.ndarray | None]]) -> list[
     return out
 
 
-def fetch_shard(item: ShardInput, config: ShardedJob, writer: Writer) -> FetchedShard:
+def by_host(rows: list[PlannedRow]) -> list[PlannedRow]:
+    """Rows in turns over their hosts (the first row of each host, then the second, ...): threads waiting for
+    one busy host's slots are the fewest, and each host's requests spread over the shard's time."""
+    hosts: dict[str, list[PlannedRow]] = {}
+    for row in rows:
+        try:
+            host = (urlsplit((row.url or "").strip()).hostname or "") if row.url else ""
+        except ValueError:
+            host = ""
+        hosts.setdefault(host, []).append(row)
+    turns = [turn for turns in itertools.zip_longest(*hosts.values()) for turn in turns if turn is not None]
+    return turns
+
+
+def polite_gate(config: ShardedJob, rows: list[PlannedRow], link: Link | None) -> Politeness | None:
+    """The shard's gate to the job's host ledger, when the job has politeness rules and the shard a URL."""
+    if link is None or not config.politeness.active or not any(is_url((r.url or "").strip()) for r in rows):
+        return None
+    return Politeness(config.politeness, link, config.fetch.user_agent)
+
+
+def fetch_shard(item: ShardInput, config: ShardedJob, writer: Writer, link: Link | None = None,
+                metrics: Metrics = NO_METRICS) -> FetchedShard:
     """Fetch and decode every row of one shard, many requests at once; failures become row statuses.
 
     On a --retry-failed attempt of a committed shard, only its transient failures are fetched again; the writer
-    gives back the other rows as it committed them.
+    gives back the other rows as it committed them. link: the job's host ledger (per-host politeness).
     """
     clock = StageClock()
     storage = Storage(config.storage)
@@ -168,11 +221,42 @@ def fetch_shard(item: ShardInput, config: ShardedJob, writer: Writer) -> Fetched
         if table is not None:
             kept = table.filter(pc.invert(pc.is_in(table["status"], pa.array(sorted(TRANSIENT_REASONS)))))
     keep = set(kept["row"].to_pylist()) if kept is not None else set()
-    load = RowLoader(config, storage, getattr(writer, "images", ""))
+    todo = [r for r in rows if r.row not in keep]
+    gate = polite_gate(config, todo, link)
+    load = RowLoader(config, storage, getattr(writer, "images", ""), gate)
+    try:
+        loaded = _load(load, todo, config)
+        if gate is not None and gate.suspect:
+            # Rows that failed our side before the job noticed: once more, now that it has paused.
+            again = [r for r in todo if load.kinds.get(r.row) in SYSTEMIC_KINDS]
+            if again:
+                redone = {r.row: (r, image) for r, image in _load(load, by_host(again), config)}
+                loaded = [redone.get(r.row, (r, image)) for r, image in loaded]
+    finally:
+        figures = gate.close() if gate is not None else {}
+    loaded = same_bytes_once(sorted(loaded, key=lambda pair: pair[0].row))
+    images = [image for _, image in loaded if image is not None]
+    for work in ("fetch", "decode"):
+        clock.add(work, sum(getattr(row, f"{work}_seconds") for row, _ in loaded))
+    for work, seconds in load.cpu.items():
+        clock.add(work, seconds)
+    clock.count("bytes_fetched", load.fetched_bytes)
+    for name, value in figures.items():
+        clock.count(name, value)
+    observe_rows(metrics, [row for row, _ in loaded], load.fetched_bytes, figures)
+    size = config.image.size
+    return FetchedShard(shard=item.shard, attempt=attempt, first_row=rows[0].index, last_row=rows[-1].index,
+                        rows=[row for row, _ in loaded],
+                        images=np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8),
+                        kept=kept, timing=[clock.finish("fetch")])
+
+
+def _load(load: RowLoader, rows: list[PlannedRow], config: ShardedJob) -> list[tuple[FetchedRow, np.ndarray | None]]:
+    """Fetch and decode rows on the shard's pools."""
     with ThreadPoolExecutor(config.fetch_threads, initializer=lower_priority) as fetch_pool, \
             ThreadPoolExecutor(defaults.DECODE_THREADS, initializer=lower_priority) as decode_pool:
-        # Each row goes to the decoders as soon as its bytes arrive; results come back in row order. At most
-        # fetch_threads bodies are held between download and decode, as when each thread decoded its own.
+        # Each row goes to the decoders as soon as its bytes arrive. At most fetch_threads bodies are held
+        # between download and decode, as when each thread decoded its own.
         held = threading.BoundedSemaphore(config.fetch_threads)
 
         def decode_and_release(*fetched: Any) -> tuple[FetchedRow, np.ndarray | None]:
@@ -193,16 +277,5 @@ def fetch_shard(item: ShardInput, config: ShardedJob, writer: Writer) -> Fetched
                 return fetched[0], None
             return decode_pool.submit(decode_and_release, *fetched)
 
-        decoding = list(fetch_pool.map(fetch_then_decode, [r for r in rows if r.row not in keep]))
-        loaded = [d.result() if isinstance(d, Future) else d for d in decoding]
-    loaded = same_bytes_once(loaded)
-    images = [image for _, image in loaded if image is not None]
-    for work in ("fetch", "decode"):
-        clock.add(work, sum(getattr(row, f"{work}_seconds") for row, _ in loaded))
-    for work, seconds in load.cpu.items():
-        clock.add(work, seconds)
-    size = config.image.size
-    return FetchedShard(shard=item.shard, attempt=attempt, first_row=rows[0].index, last_row=rows[-1].index,
-                        rows=[row for row, _ in loaded],
-                        images=np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8),
-                        kept=kept, timing=[clock.finish("fetch")])
+        decoding = list(fetch_pool.map(fetch_then_decode, by_host(rows) if load.gate is not None else rows))
+        return [d.result() if isinstance(d, Future) else d for d in decoding]

@@ -17,6 +17,7 @@ class Plugin:
     """One kind of sharded job: its model stage, its writer, and its words."""
 
     what: ClassVar[str]  # the run's name in lease and log lines: "captioning batch run"
+    kind: ClassVar[str]  # the job's name in metrics: "batch", "features"
     label: ClassVar[str]  # the progress bar's
     stage_class: ClassVar[type]  # the model stage: built once per actor from the config, called per shard
     payload: ClassVar[type[Payload]]  # what the model stage returns

@@ -10,6 +10,7 @@ from typing import Any
 from captioning import console
 from captioning.errors import CaptioningError
 from captioning.output_source import check_source
+from captioning.hosts.gate import LocalLink
 from captioning.shards.fetching import fetch_shard
 from captioning.shards.payloads import ShardInput
 from captioning.shards.plan import Layout, plan_shards
@@ -80,8 +81,9 @@ def run_here(plugin: Plugin, config: Any, log: Log = print, progress: bool = Tru
             writer = plugin.writer(config)
             bar = console.progress(plugin.total(config, planned.todo, planned.layout), plugin.label,
                                    plugin.unit, progress, leave=False)
+            link = LocalLink(config.politeness) if config.politeness.active else None
             for shard in planned.todo:
-                committed = writer.write(stage(fetch_shard(ShardInput(shard), config, writer)))
+                committed = writer.write(stage(fetch_shard(ShardInput(shard), config, writer, link)))
                 processed += committed.fresh
                 bar.update(plugin.progress(committed))
             bar.close()

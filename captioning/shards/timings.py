@@ -29,6 +29,7 @@ class StageRecord:
     start: float
     end: float
     seconds: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)  # what the stage counted: bytes, throttling events, ...
 
 
 class StageClock:
@@ -36,6 +37,7 @@ class StageClock:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
         self.span = [time.time(), time.time()]
 
     @contextmanager
@@ -51,19 +53,26 @@ class StageClock:
         """Add seconds measured elsewhere (per-row times summed by the caller)."""
         self.seconds[work] = self.seconds.get(work, 0.0) + seconds
 
+    def count(self, what: str, value: int) -> None:
+        """Add to a count of the stage's (bytes fetched, hosts' throttling answers, ...)."""
+        if value:
+            self.counts[what] = self.counts.get(what, 0) + int(value)
+
     def finish(self, stage: str) -> StageRecord:
-        """The stage's record: wall span from the clock's start to now, and seconds per kind of work."""
+        """The stage's record: wall span from the clock's start to now, seconds per kind of work, counts."""
         self.span[1] = time.time()
-        return StageRecord(stage, self.span[0], self.span[1], dict(self.seconds))
+        return StageRecord(stage, self.span[0], self.span[1], dict(self.seconds), dict(self.counts))
 
 
 def merge(records: Iterable[StageRecord]) -> dict:
     """Combine one shard's stage records into the marker's timing: spans by stage, summed seconds by work."""
-    timing: dict = {"spans": {}, "seconds": {}}
+    timing: dict = {"spans": {}, "seconds": {}, "counts": {}}
     for record in records:
         timing["spans"][record.stage] = [record.start, record.end]
         for work, seconds in record.seconds.items():
             timing["seconds"][work] = timing["seconds"].get(work, 0.0) + seconds
+        for what, value in record.counts.items():
+            timing["counts"][what] = timing["counts"].get(what, 0) + value
     return timing
 
 

@@ -1,0 +1,1 @@
+"""Per-host politeness for a whole job: the host ledger, the fetch-side gate, robots.txt."""

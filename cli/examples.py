@@ -8,6 +8,7 @@ EXAMPLES = {
     "features": "captioning features --manifest s3://bucket/train.tsv --out s3://bucket/features/train --actors 4",
     "caption": "captioning caption models/m photo.jpg https://example.com/cat.jpg --beam-size 3",
     "evaluate": "captioning evaluate models/m data/test.jsonl --out report.json",
+    "status": "captioning status s3://bucket/captions",
     "batch": "captioning batch --manifest s3://bucket/urls.parquet --model models/m --output s3://bucket/captions "
              "--actors 4",
     "jobs submit": "captioning jobs submit batch --address http://head:8265 --wait -- --manifest s3://b/urls.tsv "

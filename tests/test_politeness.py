@@ -389,6 +389,11 @@ def test_on_ray_fetch_tasks_share_each_hosts_limit_robots_is_read_once_and_the_r
     markers = [json.loads(p.read_text()) for p in (tmp_path / "out" / "_committed").glob("*.json")]
     assert sum(m["timing"]["counts"].get("robots_disallowed", 0) for m in markers) == 1
     assert sum(m["timing"]["counts"].get("bytes_fetched", 0) for m in markers) > 60 * 300
+    from captioning.shards.status import job_status
+
+    status = job_status(str(tmp_path / "out"), Storage())
+    assert status["state"] == "finished" and status["rows_done"] == status["rows"] == 61
+    assert status["statuses"] == {"ok": 60, "robots_disallowed": 1} and status["eta_seconds"] is None
     deadline = time.monotonic() + 30
     while True:
         delta = {s: scrape("ray_captioning_rows_total", job="batch", status=s) - before[s] for s in before}

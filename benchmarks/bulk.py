@@ -14,6 +14,10 @@ In one run, on the same model and images:
   * faults    - the job at N=--fault-size with 0%, 5% and 25% of storage requests failing (half `503 SlowDown`,
                 half connections dropped without an answer, by a proxy in front of SeaweedFS);
   * --big     - N=20,000: end to end against the CPU-budget ceiling, memory against N=5,000.
+  * politeness - the job with its default politeness (the host ledger, robots.txt, the breaker) against the job with
+                none, alternating at N=--politeness-size: every image is on one loopback host, so the per-host limit
+                is raised to the job's own concurrency (fetch threads x fetch tasks); the cost per image in %.
+                Every other run here uses that same raised limit.
 
     python benchmarks/bulk.py                        # N = 1000 and 5000, peer at 5000
     python benchmarks/bulk.py --sizes 500 --peer-size 1000 --faults   # quicker
@@ -40,7 +44,7 @@ import psutil  # noqa: E402
 
 from captioning.bulk import BulkConfig, read_output  # noqa: E402
 from captioning.bundle import load_bundle  # noqa: E402
-from captioning.config import FetchConfig, ImageConfig  # noqa: E402
+from captioning.config import FetchConfig, ImageConfig, PolitenessConfig  # noqa: E402
 from captioning.datasets import synthetic  # noqa: E402
 from captioning.fetch import Fetcher  # noqa: E402
 from captioning.images import decode_image  # noqa: E402
@@ -80,11 +84,42 @@ def serve(folder: Path) -> tuple[subprocess.Popen, str]:
     return process, f"http://127.0.0.1:{process.stdout.readline().strip()}"
 
 
+def raised_limit(args: argparse.Namespace) -> PolitenessConfig:
+    """The default politeness, with the per-host limit at the job's own concurrency (one host serves it all)."""
+    from captioning.shards import defaults  # noqa: PLC0415
+
+    return PolitenessConfig(per_host_concurrency=defaults.FETCH_THREADS * defaults.FETCH_TASKS_PER_ACTOR * args.actors)
+
+
 def job_config(manifest: Path, model: str, output: str, args: argparse.Namespace, **extra) -> BulkConfig:
-    """The job as the benchmark runs it: defaults, but for loopback fetching and the benchmark's knobs."""
+    """The job as the benchmark runs it: defaults, but for loopback fetching, the raised per-host limit and the
+    benchmark's knobs."""
+    extra.setdefault("politeness", raised_limit(args))
     return BulkConfig(str(manifest), model, output, ManifestSpec(image_column="url"), fetch=LOOPBACK,
                       batch_size=args.batch_size, actors=args.actors, inference_threads=args.inference_threads,
                       actor_cpus=args.actor_cpus, **extra)
+
+
+def politeness_cost(args: argparse.Namespace, model: str, urls: list[str], out: Path, cpu: ProcessCPU,
+                    storage: Storage) -> dict:
+    """The job with and without politeness, alternating on the same images: images/s and the cost per image."""
+    size = min(args.politeness_size, len(urls))
+    manifest = write_manifest(out, f"polite-{size}", urls[:size])
+    none = PolitenessConfig(per_host_concurrency=0, ignore_robots_txt=True, breaker_failures=0)
+    runs: dict[str, list[dict]] = {"polite": [], "none": []}
+    for turn in range(args.politeness_runs):
+        for name, rules in (("none", none), ("polite", raised_limit(args))):
+            result = run_job(job_config(manifest, model, f"s3://bench/{name}-{size}-{int(time.time())}-{turn}", args,
+                                        politeness=rules), cpu, storage)
+            runs[name].append(result)
+            print(f"politeness {name}, N={size}, run {turn + 1}: {result['images_per_s']:.1f} images/s "
+                  f"({result['seconds']:.0f} s; {sum(result['core_ms'].values()):.2f} core-ms per image)", flush=True)
+    rate = {name: float(np.mean([r["images_per_s"] for r in rs])) for name, rs in runs.items()}
+    core_ms = {name: float(np.mean([sum(r["core_ms"].values()) for r in rs])) for name, rs in runs.items()}
+    cost = 1 - rate["polite"] / rate["none"]
+    print(f"the cost of politeness at N={size}: {rate['polite']:.1f} vs {rate['none']:.1f} images/s = {cost:+.1%} of "
+          f"throughput (target < 5%); {core_ms['polite']:.2f} vs {core_ms['none']:.2f} core-ms per image", flush=True)
+    return {"n": size, "runs": runs, "images_per_s": rate, "core_ms": core_ms, "throughput_cost": cost}
 
 
 def write_manifest(out: Path, name: str, urls: list[str]) -> Path:
@@ -237,6 +272,8 @@ def main() -> int:
     parser.add_argument("--faults", type=float, nargs="*", default=[0.0, 0.05, 0.25],
                         help="shares of storage requests that fail, one run each (none: skip the faults table)")
     parser.add_argument("--fault-size", type=int, default=1000, help="rows per faults run")
+    parser.add_argument("--politeness-size", type=int, default=2000, help="images per politeness run (0: skip)")
+    parser.add_argument("--politeness-runs", type=int, default=2, help="alternating runs of each")
     args = parser.parse_args()
     out = Path(args.out).resolve()
     biggest = max([*args.sizes, args.peer_size, args.costs_size, 20000 if args.big else 0])
@@ -292,6 +329,8 @@ def main() -> int:
                 print(f"N=20,000: {big['images_per_s'] / ceilings['cpu_budget']:.0%} of the CPU-budget ceiling "
                       f"(target >= 80%); peak memory {big['peak_pss_mib']:.0f} MiB against {near['peak_pss_mib']:.0f} "
                       f"MiB at N={near['n']}", flush=True)
+            if args.politeness_size:
+                results["politeness"] = politeness_cost(args, model, urls, out, cpu, storage)
             results["faults"] = fault_table(args, model, urls, out, seaweed, storage) if args.faults else []
             ray.shutdown()
     finally:
@@ -318,7 +357,7 @@ def fault_table(args: argparse.Namespace, model: str, urls: list[str], out: Path
             config = BulkConfig(str(manifest), model, f"s3://bench/faults-{share:g}-{int(time.time())}",
                                 ManifestSpec(image_column="url"), shard_size=100, fetch=LOOPBACK,
                                 batch_size=args.batch_size, actors=args.actors, actor_cpus=args.actor_cpus,
-                                storage=StorageConfig(s3_endpoint=proxy.endpoint))
+                                storage=StorageConfig(s3_endpoint=proxy.endpoint), politeness=raised_limit(args))
             start = time.perf_counter()
             run(config, log=lambda _: None, progress=False)
             seconds = time.perf_counter() - start

@@ -30,7 +30,8 @@ import psutil  # noqa: E402
 
 from captioning.bulk import BulkConfig, read_output  # noqa: E402
 from captioning.bundle import MANIFEST  # noqa: E402
-from captioning.config import FetchConfig  # noqa: E402
+from captioning.config import FetchConfig, PolitenessConfig  # noqa: E402
+from captioning.shards import defaults  # noqa: E402
 from captioning.datasets import synthetic  # noqa: E402
 from captioning.manifest import ManifestSpec  # noqa: E402
 from captioning.storage import Storage  # noqa: E402
@@ -136,7 +137,10 @@ def main() -> int:
             os.environ.update(seaweed.env())
             ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
             config = BulkConfig(str(manifest), model, f"s3://bench/cc-{args.rows}-{int(time.time())}",
-                                ManifestSpec(format="cc-tsv"), fetch=FetchConfig(allowed_networks=("127.0.0.1/32",)))
+                                ManifestSpec(format="cc-tsv"), fetch=FetchConfig(allowed_networks=("127.0.0.1/32",)),
+                                # One loopback host serves every row: its limit at the job's own concurrency.
+                                politeness=PolitenessConfig(
+                                    per_host_concurrency=defaults.FETCH_THREADS * defaults.FETCH_TASKS_PER_ACTOR))
             frames: collections.Counter = collections.Counter()
             if args.py_spy:
                 def spy() -> None:

@@ -108,12 +108,12 @@ def check_host(url: str, host: str) -> None:
     try:
         encoded = host.encode("idna")
     except UnicodeError:
-        raise _error(url, f"invalid host name {host!r}", "bad_url") from None
+        raise fetch_error(url, f"invalid host name {host!r}", "bad_url") from None
     if len(encoded) > 253:
-        raise _error(url, "host name is over 253 characters", "bad_url")
+        raise fetch_error(url, "host name is over 253 characters", "bad_url")
 
 
-def _error(url: str, message: str, reason: str, kind: str = "") -> FetchError:
+def fetch_error(url: str, message: str, reason: str, kind: str = "") -> FetchError:
     """A FetchError; kind says which side failed for the systemic-failure check: dns, refused, tls, timeout, reset,
     http (the host answered), or "" (this URL's own fault)."""
     err = FetchError(redact(url), message, reason)
@@ -324,7 +324,7 @@ class Fetcher:
         except FetchError as err:
             if watch.expired and err.reason != "timeout":
                 # The watchdog cut the socket; whatever the read then reported, the cause is the clock.
-                raise _error(url, f"{watch.expired} ({deadline:g} s)", "timeout") from None
+                raise fetch_error(url, f"{watch.expired} ({deadline:g} s)", "timeout") from None
             raise
         finally:
             _WATCHDOG.remove(watch)
@@ -338,7 +338,7 @@ class Fetcher:
             if err.source == redact(url):
                 raise
             # Name the URL the caller asked for; say where along the redirects it failed.
-            raise _error(url, f"{err.message} (at {err.source})", err.reason) from None
+            raise fetch_error(url, f"{err.message} (at {err.source})", err.reason) from None
 
     def _follow(self, url: str, opt_outs: bool = True) -> tuple[str, urllib3.BaseHTTPResponse]:
         seen = []
@@ -351,14 +351,14 @@ class Fetcher:
                 try:
                     url = urljoin(url, response.headers["Location"])
                 except ValueError:  # e.g. "Invalid IPv6 URL"
-                    raise _error(seen[0], f"malformed redirect target {redact(response.headers['Location'])!r}",
+                    raise fetch_error(seen[0], f"malformed redirect target {redact(response.headers['Location'])!r}",
                                  "bad_url") from None
                 if url in seen:
-                    raise _error(seen[0], f"redirect loop via {redact(url)}", "redirect_loop")
+                    raise fetch_error(seen[0], f"redirect loop via {redact(url)}", "redirect_loop")
                 continue
             if response.status != 200:
                 response.release_conn()
-                raise _error(url, f"HTTP {response.status}", f"http_{response.status}")
+                raise fetch_error(url, f"HTTP {response.status}", f"http_{response.status}")
             opt_out = opted_out(response.headers, self.config.opt_out_tokens, self.config.user_agent) \
                 if self.config.respect_robots_header and opt_outs else None
             if opt_out:
@@ -366,20 +366,20 @@ class Fetcher:
                 response.close()
                 response.release_conn()
                 reason = "tdm_reserved" if opt_out.startswith("tdm") else "robots_noai"
-                raise _error(url, f"the response opts out of AI use ({opt_out})", reason, "http")
+                raise fetch_error(url, f"the response opts out of AI use ({opt_out})", reason, "http")
             return url, response
-        raise _error(seen[0], f"more than {self.config.max_redirects} redirects", "too_many_redirects")
+        raise fetch_error(seen[0], f"more than {self.config.max_redirects} redirects", "too_many_redirects")
 
     def _get_once(self, url: str) -> urllib3.BaseHTTPResponse:
         try:
             parts = urlsplit(url)
             host, port = parts.hostname, parts.port
         except ValueError as err:  # "Invalid IPv6 URL", a port out of range or not a number
-            raise _error(url, f"malformed URL ({err})", "bad_url") from None
+            raise fetch_error(url, f"malformed URL ({err})", "bad_url") from None
         if parts.scheme not in ("http", "https"):
-            raise _error(url, f"unsupported scheme {parts.scheme!r} (only http and https)", "bad_scheme")
+            raise fetch_error(url, f"unsupported scheme {parts.scheme!r} (only http and https)", "bad_scheme")
         if not host:
-            raise _error(url, "URL has no host", "bad_url")
+            raise fetch_error(url, "URL has no host", "bad_url")
         check_host(url, host)
         port = port or (443 if parts.scheme == "https" else 80)
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -421,7 +421,7 @@ class Fetcher:
                 continue
             except SSLError as err:
                 self._told(name, None, "tls", None)
-                raise _error(url, f"TLS error: {err}", "tls_error", "tls") from None
+                raise fetch_error(url, f"TLS error: {err}", "tls_error", "tls") from None
             except (ProtocolError, HTTPError, OSError) as err:
                 reason, message, kind = "connection_error", f"connection failed: {type(err).__name__}", "reset"
                 self._told(name, None, kind, None)
@@ -438,11 +438,11 @@ class Fetcher:
             if response.status >= 400:
                 response.drain_conn()
                 response.release_conn()
-                raise _error(url, f"HTTP {response.status}", f"http_{response.status}", kind)
+                raise fetch_error(url, f"HTTP {response.status}", f"http_{response.status}", kind)
             return response
         if watch is not None and watch.expired:
-            raise _error(url, watch.expired, "timeout", "timeout")
-        raise _error(url, f"{message} after {attempt + 1} attempts", reason, kind)
+            raise fetch_error(url, watch.expired, "timeout", "timeout")
+        raise fetch_error(url, f"{message} after {attempt + 1} attempts", reason, kind)
 
     def _told(self, host: str, status: int | None, kind: str, wait: float | None) -> None:
         if self.gate is not None:
@@ -452,7 +452,7 @@ class Fetcher:
                 truncate: bool = False) -> Iterator[bytes]:
         declared = response.headers.get("Content-Length")
         if declared and declared.isdigit() and int(declared) > limit and not truncate:
-            raise _error(url, f"body of {declared} bytes is over the {limit} byte limit", "too_large")
+            raise fetch_error(url, f"body of {declared} bytes is over the {limit} byte limit", "too_large")
         total = 0
         watch: _Watch | None = getattr(_current, "watch", None)
         try:
@@ -465,14 +465,14 @@ class Fetcher:
                         yield chunk[: len(chunk) - (total - limit)]
                         response.close()
                         return
-                    raise _error(url, f"body is over the {limit} byte limit", "too_large")
+                    raise fetch_error(url, f"body is over the {limit} byte limit", "too_large")
                 yield chunk
         except (ReadTimeoutError, socket.timeout):
-            raise _error(url, "timed out reading the body", "timeout") from None
+            raise fetch_error(url, "timed out reading the body", "timeout") from None
         except (ProtocolError, HTTPError, OSError) as err:
-            raise _error(url, f"connection broke while reading: {type(err).__name__}", "connection_error") from None
+            raise fetch_error(url, f"connection broke while reading: {type(err).__name__}", "connection_error") from None
         if watch is not None and watch.expired:  # a shut-down socket can also read as a clean end
-            raise _error(url, watch.expired, "timeout")
+            raise fetch_error(url, watch.expired, "timeout")
 
     def _resolve(self, url: str, host: str, port: int) -> str:
         try:
@@ -480,17 +480,17 @@ class Fetcher:
         except socket.gaierror as err:
             # A name that does not exist is the URL's fault; a resolver that fails (EAI_AGAIN, EAI_FAIL) is ours.
             kind = "nxdomain" if err.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", -5)) else "dns"
-            raise _error(url, f"cannot resolve host {host!r}: {err.strerror}", "dns_error", kind) from None
+            raise fetch_error(url, f"cannot resolve host {host!r}: {err.strerror}", "dns_error", kind) from None
         except (UnicodeError, ValueError) as err:  # IDNA failures, NUL bytes
-            raise _error(url, f"invalid host name {host!r}: {err}", "bad_url") from None
+            raise fetch_error(url, f"invalid host name {host!r}: {err}", "bad_url") from None
         except OSError as err:
-            raise _error(url, f"cannot resolve host {host!r}: {err}", "dns_error", "dns") from None
+            raise fetch_error(url, f"cannot resolve host {host!r}: {err}", "dns_error", "dns") from None
         addresses = [info[4][0] for info in infos]
         if not self.config.allow_private_networks:
             for address in addresses:
                 why = blocked_reason(address)
                 if why and not any(ipaddress.ip_address(address) in net for net in self._allowed):
-                    raise _error(
+                    raise fetch_error(
                         url, f"{host} resolves to {why} address {address}; pass --allow-private-networks to allow",
                         "blocked_address",
                     )

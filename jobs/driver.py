@@ -19,7 +19,7 @@ from captioning.shards.run import Planned, begin, finish
 from captioning.shards.writer import Writer
 from captioning.storage import Storage
 from captioning.shards.metrics import count_statuses
-from jobs.hosts import RayLink, ledger_figures, start_ledger
+from jobs.hosts import JobLedger, RayLink
 from jobs.metrics import RayMetrics
 from jobs.ray_setup import CONNECT_TIMEOUT, TASK_CPUS, connect, outage_error
 
@@ -106,7 +106,15 @@ def _process(plugin: Plugin, config: Any, planned: Planned, address: str | None,
         object_store_memory=shard_bytes * plugin.buffered(config) * config.actors)
     writer = plugin.writer(config)
     tasks = min(config.fetch_tasks * config.actors, len(planned.todo))
-    ledger = start_ledger(config.politeness, tasks)
+    with JobLedger(config.politeness, tasks, log) as ledger:
+        return _run_stages(plugin, config, planned, writer, tasks, ledger.handles, progress)
+
+
+def _run_stages(plugin: Plugin, config: Any, planned: Planned, writer: Writer, tasks: int, ledger: list[Any],
+                progress: bool) -> int:
+    """The pipeline on Ray Data, consumed here with progress; the rows this run handled."""
+    import ray  # noqa: PLC0415
+
     items = ray.data.from_items([ShardInput(shard).to_row() for shard in planned.todo],
                                 override_num_blocks=len(planned.todo))
     fetched = items.map(fetch_shard_task, fn_kwargs={"config": config, "writer": writer, "ledger": ledger,
@@ -132,10 +140,4 @@ def _process(plugin: Plugin, config: Any, planned: Planned, address: str | None,
         raise outage_error(err, planned.shards_total - len(planned.todo) + counts["shards"],
                            planned.shards_total) from None
     bar.close()
-    if ledger:
-        figures = ledger_figures(ledger)
-        if any(figures.values()):
-            log("hosts: " + ", ".join(f"{name.replace('_', ' ')} {value}" for name, value in figures.items() if value))
-        for handle in ledger:
-            ray.kill(handle)
     return counts["rows"]

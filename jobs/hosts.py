@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import Any
+import threading
+from typing import Any, Callable
 
 from captioning.config import PolitenessConfig
 from captioning.hosts.gate import Views, host_of, shard_of
@@ -56,26 +57,67 @@ class LedgerShard:
         return self.ledger.figures()
 
 
-def start_ledger(rules: PolitenessConfig, tasks: int) -> list[Any]:
-    """The job's ledger shards (none when it has no politeness rules), owned by the driver: gone with the job."""
-    import ray  # noqa: PLC0415
-
-    if not rules.active:
-        return []
-    shards = rules.ledger_shards or max(1, math.ceil(tasks / TASKS_PER_SHARD))
-    actor = ray.remote(LedgerShard).options(num_cpus=0, max_restarts=-1, max_concurrency=1000)
-    return [actor.remote(rules) for _ in range(shards)]
+    async def job(self) -> Any:
+        return self.ledger._job(self.ledger.clock())
 
 
-def ledger_figures(handles: list[Any]) -> dict[str, int]:
-    """The ledger's counts, over its shards."""
-    import ray  # noqa: PLC0415
+class JobLedger:
+    """The job's ledger shards for one run (none when it has no politeness rules), owned by the driver; while
+    the run lasts, its systemic pauses are told on the driver's console (the tasks' own logs stay in theirs);
+    at the end, its figures in one `hosts:` line, and the shards are gone."""
 
-    total: dict[str, int] = {}
-    for figures in ray.get([h.figures.remote() for h in handles]):
-        for key, value in figures.items():
-            total[key] = total.get(key, 0) + value
-    return total
+    def __init__(self, rules: PolitenessConfig, tasks: int, log: Callable[[str], None]) -> None:
+        self.rules, self.tasks, self.log = rules, tasks, log
+        self.handles: list[Any] = []
+        self.stop = threading.Event()
+
+    def __enter__(self) -> "JobLedger":
+        import ray  # noqa: PLC0415
+
+        if self.rules.active:
+            shards = self.rules.ledger_shards or max(1, math.ceil(self.tasks / TASKS_PER_SHARD))
+            actor = ray.remote(LedgerShard).options(num_cpus=0, max_restarts=-1, max_concurrency=1000)
+            self.handles = [actor.remote(self.rules) for _ in range(shards)]
+            threading.Thread(target=self._watch, name="hosts-job", daemon=True).start()
+        return self
+
+    def _watch(self) -> None:
+        import ray  # noqa: PLC0415
+
+        told = (0, "")
+        while not self.stop.wait(2.0):
+            try:
+                job = ray.get(self.handles[0].job.remote(), timeout=10)
+            except Exception:  # noqa: BLE001  (a restarting shard: ask again next time)
+                continue
+            if (job.pauses, job.gave_up) == told:
+                continue
+            if job.gave_up:
+                self.log(f"warning: fetching gave up on {job.gave_up} errors after {told[0]} pauses: those rows are "
+                         "systemic_failure (transient: --retry-failed fetches them again)")
+            elif job.pauses:
+                self.log(f"warning: most requests fail with {job.cause} errors ({job.share:.0%} of a fetch task's "
+                         f"last {self.rules.systemic_window}, over many hosts): this side's network or resolver, not "
+                         f"the hosts; fetching pauses {job.pause_for:.0f} s, then retries (pause {job.pauses})")
+            told = (job.pauses, job.gave_up)
+
+    def __exit__(self, *exc: Any) -> None:
+        import ray  # noqa: PLC0415
+
+        self.stop.set()
+        if not self.handles:
+            return
+        try:
+            if exc[0] is None:
+                total: dict[str, int] = {}
+                for figures in ray.get([h.figures.remote() for h in self.handles], timeout=30):
+                    for key, value in figures.items():
+                        total[key] = total.get(key, 0) + value
+                if any(total.values()):
+                    self.log("hosts: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in total.items() if v))
+        finally:
+            for handle in self.handles:
+                ray.kill(handle)
 
 
 class RayLink:

@@ -15,8 +15,8 @@ from typing import Any, Callable, Iterator, Protocol
 from urllib.parse import urlsplit
 
 from captioning.config import PolitenessConfig
-from captioning.errors import FetchError, redact
-from captioning.fetch import Fetcher, failure_kind
+from captioning.errors import FetchError
+from captioning.fetch import Fetcher, failure_kind, fetch_error
 from captioning.hosts.ledger import FAILURE_KINDS, HostLedger, HostView, JobView
 
 log = logging.getLogger(__name__)
@@ -97,9 +97,7 @@ class LocalLink:
 
 def throttled(url: str, message: str, reason: str, kind: str = "") -> FetchError:
     """A row the politeness rules stop before any request."""
-    err = FetchError(redact(url), message, reason)
-    err.kind = kind  # type: ignore[attr-defined]
-    return err
+    return fetch_error(url, message, reason, kind)
 
 
 class Politeness:
@@ -156,7 +154,10 @@ class Politeness:
                             self.asks[host] = want
                             self.asked[host] = want
                             self.cond.notify_all()
-                        self.cond.wait(0.5)
+                        if not self.cond.wait(0.5):
+                            # Nothing for a while: ask again (a ledger shard that restarted lost the ask).
+                            self.asks[host] = self.asked[host] = max(want, 1)
+                            self.cond.notify_all()
                         self._check(url, host)
                 finally:
                     self.waiting[host] -= 1
@@ -257,7 +258,14 @@ class Politeness:
     def _robots(self, origin: str, url: str, fetcher: Fetcher) -> Any:
         end = time.monotonic() + 2 * fetcher.config.deadline + 5
         while True:
-            verdict, text = self.link.robots_for(self.task, origin)
+            try:
+                verdict, text = self.link.robots_for(self.task, origin)
+            except Exception as err:  # noqa: BLE001  (a restarting ledger shard: its rows wait for a rerun)
+                if time.monotonic() > end:
+                    raise throttled(url, f"the host ledger did not answer ({type(err).__name__})",
+                                    "robots_unavailable") from None
+                time.sleep(1.0)
+                continue
             if verdict == "fetch":
                 verdict, text = self._fetch_robots(origin, url, fetcher)
                 self.link.exchange(self.task, {}, {}, [("robots", origin, verdict, text)])

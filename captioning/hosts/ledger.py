@@ -99,8 +99,7 @@ class HostLedger:
         for host, want in asks.items():
             entry = self._host(host)
             if want > 0:
-                entry.wants[task] = want
-                entry.wants.move_to_end(task)
+                entry.wants[task] = want  # a new ask joins the queue's end; a repeated one keeps its place
             else:
                 entry.wants.pop(task, None)
             if entry.held.keys() - {task}:

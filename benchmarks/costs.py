@@ -36,6 +36,8 @@ def group_of(process: psutil.Process) -> str | None:
         return "driver (Ray Data executor, progress, commits)"
     if "CaptionShard" in title or "Predictor" in title:
         return "model actors"
+    if "LedgerShard" in title:
+        return "host ledger (politeness)"
     if "weed" in title.split(" ", 1)[0]:
         return "SeaweedFS"
     if "http.server" in title:

@@ -128,6 +128,7 @@ class Politeness:
         self.suspect = False  # this task saw, or the job paused for, a systemic failure
         self.gave_up = ""
         self.warned = self.sent_systemic = False
+        self.pauses_seen = 0  # the job's pauses this task has heard of
         self.window: deque[tuple[str, str]] = deque(maxlen=rules.systemic_window)
         self.robots: dict[str, Any] = {}  # origin -> Protego rules, or a verdict string
         self.robots_locks: dict[str, threading.Lock] = {}
@@ -149,14 +150,17 @@ class Politeness:
                 self.waiting[host] += 1
                 try:
                     while self.in_use[host] >= self._cap(host):
-                        want = self.waiting[host] + self.in_use[host] - self.slots[host]
-                        if want > self.asked[host]:
-                            self.asks[host] = want
-                            self.asked[host] = want
+                        need = self.waiting[host] + self.in_use[host]  # this task's threads on the host
+                        if need > self.slots[host] + self.asked[host]:
+                            # Doubling what it holds, so that threads arriving one by one cost a few asks.
+                            total = max(need, 2 * self.slots[host])
+                            if self.rules.per_host_concurrency:
+                                total = min(total, self.rules.per_host_concurrency)
+                            self.asks[host] = self.asked[host] = max(total - self.slots[host], 1)
                             self.cond.notify_all()
                         if not self.cond.wait(0.5):
                             # Nothing for a while: ask again (a ledger shard that restarted lost the ask).
-                            self.asks[host] = self.asked[host] = max(want, 1)
+                            self.asks[host] = self.asked[host] = max(need - self.slots[host], 1)
                             self.cond.notify_all()
                         self._check(url, host)
                 finally:
@@ -175,6 +179,7 @@ class Politeness:
     def before_attempt(self, url: str, host: str, deadline: float) -> None:
         """Wait for the host's turn: its Retry-After, the job's pause, its rate; refuse what would outlast the
         request's deadline."""
+        waited = False
         with self.cond:
             while True:
                 self._check(url, host)
@@ -189,7 +194,8 @@ class Politeness:
                     self.figures["throttled_rows"] += 1
                     raise throttled(url, f"{host} asked for {until - now:.0f} s more than this request has "
                                     "(Retry-After or its rate limit)", "host_throttled")
-                if closed > now:
+                if closed > now and not waited:
+                    waited = True
                     self.figures["retry_after_waits"] += 1
                 self.cond.wait(until - now)
             rate = self._rate(host)
@@ -318,7 +324,8 @@ class Politeness:
             self.events.append(("healthy",))
 
     def systemic(self, kind: str) -> str:
-        """What a row that failed with this kind should do: "retry" (after the pause), "give_up", or ""."""
+        """What a row that failed with this kind should do: "retry" (after the job's next pause), "give_up", or
+        "" (its failure is its own)."""
         if kind not in SYSTEMIC_KINDS | {"paused"}:
             return ""
         self._flush_now()
@@ -328,10 +335,18 @@ class Politeness:
             return "retry" if self.suspect else ""
 
     def wait_pause(self) -> None:
-        """Block until the job's systemic pause is over."""
+        """Block while the job is paused; with no pause yet, a moment for the one this task's report may start."""
         with self.cond:
-            while (left := self.job_pause_until - time.monotonic()) > 0 and not self.stopped:
-                self.cond.wait(left)
+            epoch, end = self.pauses_seen, time.monotonic() + 2.0
+            while not self.stopped and not self.gave_up:
+                now = time.monotonic()
+                if self.job_pause_until > now:
+                    self.cond.wait(self.job_pause_until - now)
+                    epoch = -1  # waited one out: go again
+                    continue
+                if self.pauses_seen > epoch or now >= end:
+                    return
+                self.cond.wait(min(0.05, end - now))
 
     # -- the ledger ------------------------------------------------------------------------------------------
 
@@ -392,6 +407,8 @@ class Politeness:
                 self.job = job
                 if job.pause_for:
                     self.suspect = True
+                    if job.pauses > self.pauses_seen:
+                        self.pauses_seen = job.pauses
                     self.job_pause_until = max(self.job_pause_until, time.monotonic() + job.pause_for)
                     if job.pauses == 1 and job.reporter == self.task and not self.warned:
                         self.warned = True  # one warning per job: only the task whose report paused it

@@ -102,10 +102,12 @@ class HostLedger:
                 entry.wants[task] = want  # a new ask joins the queue's end; a repeated one keeps its place
             else:
                 entry.wants.pop(task, None)
-            if entry.held.keys() - {task}:
-                self._bump(entry)  # the holders hear of it: their fair share and the waiters changed
         for host in touched:
             self._grant(host)
+        for host in asks:
+            entry = self._host(host)
+            if task in entry.wants and entry.held.keys() - {task}:
+                self._bump(entry)  # left waiting: the holders hear of it (their fair share, the waiters)
         return self._views(task, touched | set(self.outbox.get(task, {})), now), self._job(now)
 
     def changes(self, task: str, since: int) -> tuple[int, dict[str, HostView], JobView] | None:
@@ -175,7 +177,8 @@ class HostLedger:
             entry.held[task] = left
         else:
             entry.held.pop(task, None)
-        self._bump(entry)
+        if entry.rate:
+            self._bump(entry)  # the other holders' rate shares grow (a grant to a waiter bumps anyway)
 
     def _grant(self, host: str) -> None:
         """Hand free slots to waiting tasks, one at a time in turn, so that many tasks share a busy host."""
@@ -192,8 +195,8 @@ class HostLedger:
             if want > 1:
                 entry.wants[task] = want - 1  # to the back of the queue: the next slot goes to the next task
             changed = True
-        if changed:
-            self._bump(entry)
+        if changed and entry.rate:
+            self._bump(entry)  # the holders' rate shares changed (the grantees hear of it from their outbox)
 
     def _event(self, task: str, event: tuple[Any, ...], now: float) -> set[str]:
         """A task's report: ("ok", host), ("failed", host, kind), ("throttled", host, retry_after),

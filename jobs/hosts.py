@@ -93,12 +93,13 @@ class JobLedger:
             if (job.pauses, job.gave_up) == told:
                 continue
             if job.gave_up:
-                self.log(f"warning: fetching gave up on {job.gave_up} errors after {told[0]} pauses: those rows are "
+                self.log(f"warning: fetching gave up on {job.gave_up} errors after {job.pauses - 1} pause(s): those rows are "
                          "systemic_failure (transient: --retry-failed fetches them again)")
             elif job.pauses:
                 self.log(f"warning: most requests fail with {job.cause} errors ({job.share:.0%} of a fetch task's "
                          f"last {self.rules.systemic_window}, over many hosts): this side's network or resolver, not "
-                         f"the hosts; fetching pauses {job.pause_for:.0f} s, then retries (pause {job.pauses})")
+                         f"the hosts; fetching pauses {self.rules.systemic_pause * 2 ** (job.pauses - 1):g} s, then "
+                         f"retries (pause {job.pauses} of {self.rules.systemic_retries})")
             told = (job.pauses, job.gave_up)
 
     def __exit__(self, *exc: Any) -> None:

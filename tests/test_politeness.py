@@ -403,3 +403,25 @@ def test_on_ray_fetch_tasks_share_each_hosts_limit_robots_is_read_once_and_the_r
     assert delta == {"ok": 60, "robots_disallowed": 1}
     assert scrape("ray_captioning_bytes_fetched_total", job="batch") > 0
     assert scrape("ray_captioning_fetch_seconds_count", job="batch") >= 60
+
+
+def test_on_ray_the_driver_tells_the_jobs_systemic_pause_once_and_its_giving_up(ray_session):
+    import ray
+
+    from jobs.hosts import JobLedger
+
+    lines: list[str] = []
+    rules = PolitenessConfig(systemic_pause=1.0, systemic_retries=1)
+    with JobLedger(rules, tasks=3, log=lines.append) as ledger:
+        shard = ledger.handles[0]
+        ray.get(shard.exchange.remote("task-a", {}, {}, [("systemic", "dns", 0.92)]))
+        ray.get(shard.exchange.remote("task-b", {}, {}, [("systemic", "dns", 0.88)]))  # the same pause
+        time.sleep(3.5)
+        ray.get(shard.exchange.remote("task-a", {}, {}, [("systemic", "dns", 0.95)]))  # after it: gives up
+        time.sleep(2.5)
+    warnings = [line for line in lines if line.startswith("warning:")]
+    assert len(warnings) == 2, lines
+    assert "most requests fail with dns errors (92% of a fetch task's last 24" in warnings[0]
+    assert "pauses 1 s" in warnings[0]
+    assert "gave up on dns errors" in warnings[1] and "--retry-failed" in warnings[1]
+    assert [line for line in lines if line.startswith("hosts:")] == ["hosts: systemic pauses 1"]

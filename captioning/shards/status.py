@@ -96,7 +96,7 @@ def describe(status: dict[str, Any]) -> list[str]:
     counts = dict(status["counts"])
     if counts:
         fetched = counts.pop("bytes_fetched", 0)
-        parts = [f"{fetched / 2**20:,.1f} MiB fetched"] + [f"{k.replace('_', ' ')} {v:,}" for k, v in counts.items()]
+        parts = [f"{_size(fetched)} fetched"] + [f"{k.replace('_', ' ')} {v:,}" for k, v in counts.items()]
         lines.append("fetching: " + ", ".join(parts))
     return lines
 
@@ -105,3 +105,10 @@ def _duration(seconds: float) -> str:
     seconds = int(seconds)
     hours, rest = divmod(seconds, 3600)
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def _size(count: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= scale:
+            return f"{count / scale:,.1f} {unit}"
+    return f"{count} bytes"

@@ -95,11 +95,6 @@ class LocalLink:
             self.cond.notify_all()
 
 
-def throttled(url: str, message: str, reason: str, kind: str = "") -> FetchError:
-    """A row the politeness rules stop before any request."""
-    return fetch_error(url, message, reason, kind)
-
-
 class Politeness:
     """One fetch task's side of the host ledger; the Fetcher's gate (captioning.fetch.HostGate)."""
 
@@ -190,9 +185,9 @@ class Politeness:
                     break
                 if until > deadline:
                     if self.job_pause_until > deadline:
-                        raise throttled(url, "fetching is paused (systemic failure)", "systemic_failure", "paused")
+                        raise fetch_error(url, "fetching is paused (systemic failure)", "systemic_failure", "paused")
                     self.figures["throttled_rows"] += 1
-                    raise throttled(url, f"{host} asked for {until - now:.0f} s more than this request has "
+                    raise fetch_error(url, f"{host} asked for {until - now:.0f} s more than this request has "
                                     "(Retry-After or its rate limit)", "host_throttled")
                 if closed > now and not waited:
                     waited = True
@@ -256,10 +251,10 @@ class Politeness:
                 if rules is None:
                     rules = self.robots[origin] = self._robots(origin, url, fetcher)
         if rules == "unavailable":
-            raise throttled(url, f"{origin}/robots.txt could not be read (tried once this job)", "robots_unavailable")
+            raise fetch_error(url, f"{origin}/robots.txt could not be read (tried once this job)", "robots_unavailable")
         if rules != "allow_all" and not rules.can_fetch(url, self.agent):
             self.figures["robots_disallowed"] += 1
-            raise throttled(url, f"robots.txt of {parts.hostname} disallows it for {self.agent}", "robots_disallowed")
+            raise fetch_error(url, f"robots.txt of {parts.hostname} disallows it for {self.agent}", "robots_disallowed")
 
     def _robots(self, origin: str, url: str, fetcher: Fetcher) -> Any:
         end = time.monotonic() + 2 * fetcher.config.deadline + 5
@@ -268,7 +263,7 @@ class Politeness:
                 verdict, text = self.link.robots_for(self.task, origin)
             except Exception as err:  # noqa: BLE001  (a restarting ledger shard: its rows wait for a rerun)
                 if time.monotonic() > end:
-                    raise throttled(url, f"the host ledger did not answer ({type(err).__name__})",
+                    raise fetch_error(url, f"the host ledger did not answer ({type(err).__name__})",
                                     "robots_unavailable") from None
                 time.sleep(1.0)
                 continue
@@ -296,7 +291,7 @@ class Politeness:
             kind = failure_kind(err)
             if kind in SYSTEMIC_KINDS:
                 self.link.exchange(self.task, {}, {}, [("robots_retry", origin)])
-                raise throttled(url, f"robots.txt: {err.message}", err.reason, kind) from None
+                raise fetch_error(url, f"robots.txt: {err.message}", err.reason, kind) from None
             if err.reason.startswith("http_"):
                 code = int(err.reason[5:])
                 return ("allow_all" if 400 <= code < 500 and code != 429 else "unavailable"), ""
@@ -355,9 +350,9 @@ class Politeness:
         broken = view.broken if view is not None and view.broken else self.broken.get(host)
         if broken:
             self.figures["breaker_rows"] += 1
-            raise throttled(url, f"{host} is given up on for this job: {broken}", "host_unavailable")
+            raise fetch_error(url, f"{host} is given up on for this job: {broken}", "host_unavailable")
         if self.gave_up:
-            raise throttled(url, f"fetching gave up: most requests fail with {self.gave_up} errors (systemic)",
+            raise fetch_error(url, f"fetching gave up: most requests fail with {self.gave_up} errors (systemic)",
                             "systemic_failure", "paused")
 
     def _cap(self, host: str) -> int:

@@ -105,6 +105,16 @@ class Host:
             return [t for t, p in self.requests if p.startswith(prefix) and (prefix == "/robots.txt"
                                                                              or p != "/robots.txt")]
 
+    def settle(self, timeout: float = 10.0) -> None:
+        """Wait until no request is in hand: a client that closed returns before this server has noticed."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if self.active == 0:
+                    return
+            time.sleep(0.01)
+        raise TimeoutError(f"{self.address}: {self.active} requests still in hand after {timeout} s")
+
     def close(self) -> None:
         """Stop serving."""
         self.httpd.shutdown()

@@ -238,6 +238,7 @@ def test_opt_out_headers_stop_the_body_from_being_read_and_none_lifts_them(hosts
             reasons[path] = err.reason
     assert reasons == {"/noai.jpg": "robots_noai", "/tdm.jpg": "tdm_reserved", "/other-bot.jpg": "ok",
                        "/ours.jpg": "robots_noai"}
+    host.settle()
     assert sorted(host.closed_before_body) == ["/noai.jpg", "/ours.jpg", "/tdm.jpg"]  # the body never sent
     assert len(Fetcher(replace(LOOPBACK, opt_out_tokens=("none",))).get(host.url("/tdm.jpg")).data) == len(body)
     assert len(Fetcher(replace(LOOPBACK, opt_out_tokens=("noai",))).get(host.url("/tdm.jpg")).data) == len(body)

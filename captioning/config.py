@@ -202,9 +202,19 @@ class TrainConfig:
                        help="training seed: initial decoder weights, dropout, shuffling")
     # The --weights none backbone's own seed: other training seeds train on the same features.
     backbone_seed: int = option("--backbone-seed", default=0, kind="int", group="model", help=BACKBONE_SEED_HELP)
-    # Each caption pair held holds its image's 56 KiB of features.
+    # Each image held holds its 56 KiB of features.
     shuffle_buffer: int = option("--shuffle-buffer", default=2048, kind="positive", group="training",
-                                 help="caption pairs mixed per worker (about 56 KiB each)")
+                                 help="images mixed per worker, about 56 KiB each (caption pairs with "
+                                 "--no-group-by-image)")
+    xla: str = option("--xla", default="auto", choices=("auto", "on", "off"), group="training",
+                      help="compile each replica's train and eval pass with XLA (auto: on GPUs only; on the CPUs "
+                      "measured it is slower, see benchmarks/training.py)")
+    padding: str = option("--padding", default="bucket", choices=("bucket", "fixed"), group="training",
+                          help="bucket: each batch padded to its longest caption, rounded up to 8 tokens; fixed: "
+                          "every batch padded to --max-length (the TensorFlow tutorial's way)")
+    group_by_image: bool = option("--no-group-by-image", default=True, kind="flag", negated=True, group="training",
+                                  help="shuffle caption pairs and project each caption's image on its own, instead "
+                                  "of batching whole images and projecting each image once")
     cache_dir: str | None = option("--cache-dir", default=None, group="data",
                                    help="where features of manifests go (default: <out>/features)")
     image: ImageConfig = field(default_factory=ImageConfig)

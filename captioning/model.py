@@ -102,13 +102,24 @@ class CrossAttention(keras.layers.Layer):
         self.attention = Attention(num_heads, d_model // num_heads, dropout, dtype=self.dtype_policy)
         self.norm = keras.layers.LayerNormalization(dtype=self.dtype_policy)
 
-    def call(self, x: tf.Tensor, image: tf.Tensor, training: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
-        # x: (B, T, D), image: (B, 49, C) -> (B, T, D), weights (B, H, T, 49)
-        out, weights = self.attention(x, image, training=training)
+    def build(self, x_shape: tuple, image_kv_shape: tuple) -> None:
+        """Nothing of its own to build: the sublayers build as they are first used (image_kv runs first)."""
+        self.built = True
+
+    def call(self, x: tf.Tensor, image_kv: tuple[tf.Tensor, tf.Tensor], training: bool = False):
+        # x: (B, T, D), image keys/values (B, H, 49, Dh) each -> (B, T, D), weights (B, H, T, 49)
+        out, weights = self.attention.attend(x, *image_kv, training=training)
         return self.norm(x + out), weights
 
+    def image_kv(self, image: tf.Tensor, index: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+        """Keys/values of each image (U, 49, C) once, then gathered for its captions: index (B,) -> (B, H, 49, Dh)."""
+        k, v = self.attention.keys_values(image)
+        if index is None:
+            return k, v
+        return tf.gather(k, index), tf.gather(v, index)
+
     def step(self, x: tf.Tensor, image_kv: tuple[tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
-        """Like call, with the image keys/values computed once per image."""
+        """Like call, for decoding (no dropout)."""
         out, weights = self.attention.attend(x, *image_kv)
         return self.norm(x + out), weights
 
@@ -137,9 +148,10 @@ class DecoderLayer(keras.layers.Layer):
         self.cross_attention = CrossAttention(h, d, p, dtype=self.dtype_policy)
         self.feed_forward = FeedForward(d, config.ff_multiplier, p, dtype=self.dtype_policy)
 
-    def call(self, x: tf.Tensor, image: tf.Tensor, training: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
+    def call(self, x: tf.Tensor, image_kv: tuple[tf.Tensor, tf.Tensor], training: bool = False):
+        # x: (B, T, D), this layer's image keys/values (B, H, 49, Dh) -> (B, T, D), weights (B, H, T, 49)
         x = self.self_attention(x, training=training)
-        x, weights = self.cross_attention(x, image, training=training)
+        x, weights = self.cross_attention(x, image_kv, training=training)
         return self.feed_forward(x, training=training), weights
 
     def step(self, x: tf.Tensor, cache: tuple[tf.Tensor, tf.Tensor], image_kv, t: tf.Tensor):
@@ -181,7 +193,8 @@ class DecodeState(NamedTuple):
 
 
 class Captioner(keras.Model):
-    """Image features (B, 49, C) and caption prefix (B, T) -> next-token logits (B, T, V)."""
+    """Image features (U, 49, C), caption prefixes (B, T) and, optionally, each caption's image row (B,) ->
+    next-token logits (B, T, V). Without the index, features are one row per caption (U = B)."""
 
     def __init__(
         self, config: ModelConfig, tokenizer: Tokenizer, bias: np.ndarray | None = None,
@@ -200,17 +213,21 @@ class Captioner(keras.Model):
         banned = [tokenizer.id(t) for t in BANNED]
         self.output_layer = TokenOutput(tokenizer.size, banned, bias, dtype=policy)
 
-    def call(self, inputs: tuple[tf.Tensor, tf.Tensor], training: bool = False) -> tf.Tensor:
-        logits, _ = self.forward(inputs[0], inputs[1], training=training)
+    def call(self, inputs: tuple[tf.Tensor, ...], training: bool = False) -> tf.Tensor:
+        logits, _ = self.forward(*inputs, training=training)
         return logits
 
-    def forward(self, features: tf.Tensor, tokens: tf.Tensor, training: bool = False):
-        """Full-sequence pass -> logits (B, T, V) and attention (B, T, 49) averaged over heads and layers."""
-        image = self.image_norm(tf.cast(features, self.compute_dtype))  # (B, 49, C)
-        x = self.embedding(tokens)
+    def forward(self, features: tf.Tensor, tokens: tf.Tensor, index: tf.Tensor | None = None,
+                training: bool = False):
+        """Full-sequence pass -> logits (B, T, V) and attention (B, T, 49) averaged over heads and layers.
+
+        The image work (normalisation, each layer's key/value projection) runs once per row of features and is
+        gathered for the captions by index: 4-5 captions sharing an image pay for it once."""
+        image = self.image_norm(tf.cast(features, self.compute_dtype))  # (U, 49, C)
+        x = self.embedding(tokens)  # (B, T, D)
         maps = []
         for layer in self.decoder_layers:
-            x, weights = layer(x, image, training=training)
+            x, weights = layer(x, layer.cross_attention.image_kv(image, index), training=training)
             maps.append(tf.reduce_mean(weights, axis=1))  # (B, T, 49)
         return self.output_layer(x), tf.add_n(maps) / len(maps)
 
@@ -230,7 +247,7 @@ class Captioner(keras.Model):
         batch = tf.shape(image)[0]
         heads, head_dim = self.config.num_heads, self.config.d_model // self.config.num_heads
         empty = tf.zeros([batch, heads, length, head_dim], self.compute_dtype)
-        image_kv = tuple(layer.cross_attention.attention.keys_values(image) for layer in self.decoder_layers)
+        image_kv = tuple(layer.cross_attention.image_kv(image) for layer in self.decoder_layers)
         return DecodeState(tuple((empty, empty) for _ in self.decoder_layers), image_kv)
 
     def step(self, tokens: tf.Tensor, t: tf.Tensor, state: DecodeState):

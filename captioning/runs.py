@@ -58,6 +58,9 @@ def run_settings(train_source: str, val_source: str, config: TrainConfig, spec: 
         "--steps-per-epoch": config.steps_per_epoch, "--precision": config.precision, "--workers": workers,
         "warm start": warm,
         "--epochs": config.epochs,
+        # The batch order depends on it (padding and XLA do not change what a step computes). Left out when
+        # unset, so runs recorded before the option existed still resume.
+        **({"--no-group-by-image": True} if not config.group_by_image else {}),
     }
 
 

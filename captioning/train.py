@@ -230,9 +230,10 @@ def fit(prepared: Prepared, config: TrainConfig, checkpoint: Path, out: Path | N
         log(f"resuming from the checkpoint after epoch {state.epoch}"
             + (f", step {state.step}" if state.step else ""))
 
+    layout = {"group": config.group_by_image, "trim": config.padding == "bucket"}
     train_input = StreamingInput(train_set, tokenizer, config.batch_size, pipelines, True, config.seed,
-                                 config.shuffle_buffer)
-    val_input = StreamingInput(val_set, tokenizer, config.batch_size, pipelines, False)
+                                 config.shuffle_buffer, **layout)
+    val_input = StreamingInput(val_set, tokenizer, config.batch_size, pipelines, False, **layout)
     train_input.epoch = state.epoch  # the resumed epoch replays the very same order
     steps = min(train_input.steps, config.steps_per_epoch or train_input.steps)
     if writer:

@@ -71,7 +71,7 @@ def test_each_worker_streams_its_own_shards_in_equal_steps(feature_sets):
             names.append([s.name for s in stream.parts[pipeline]])
             batches = list(stream.dataset(pipeline, 24, stream.steps).take(stream.steps))
             assert len(batches) == stream.steps  # one epoch: the same number of steps on every worker
-            for (_, tokens), labels in batches:
+            for (_, tokens, _), labels in batches:
                 real = labels.numpy().any(axis=1)  # padding rows have every label masked
                 seen.extend(t for t, r in zip(tok.decode(tokens.numpy()), real) if r)
         assert not set(names[0]) & set(names[1])  # no shard, so no pair, on two workers

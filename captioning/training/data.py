@@ -57,14 +57,64 @@ def shuffled(items: Iterator[Pair], size: int, rng: np.random.Generator) -> Iter
     yield from buffer
 
 
+Batch = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # features (U, 49, C), captions (B,), image (B,), real (B,)
+TOKEN_BUCKET = 8  # caption positions are padded to a multiple of this, so a few shapes (traces) cover every batch
+
+
+def token_bucket(longest: int | tf.Tensor, max_length: int) -> tf.Tensor:
+    """Input positions of a batch whose longest caption has `longest` tokens ([START] and [END] included): the
+    decoder reads all but the last token, padded up to a multiple of TOKEN_BUCKET, never past max_length - 1."""
+    padded = (longest - 1 + TOKEN_BUCKET - 1) // TOKEN_BUCKET * TOKEN_BUCKET
+    return tf.minimum(max_length - 1, tf.maximum(1, padded))
+
+
+def image_bucket(images: int, batch: int) -> int:
+    """Image rows of a batch of `batch` captions over `images` distinct images: padded up to a multiple of an
+    eighth of the batch, so at most 8 shapes, with at most an eighth of the batch's rows wasted."""
+    step = max(1, batch // 8)
+    return min(batch, -(-images // step) * step)
+
+
+def pack(images: Iterator[tuple[np.ndarray, list[str]]], batch: int, count: int, channels: int,
+         group: bool) -> Iterator[Batch]:
+    """`count` batches of `batch` captions from images in order (the rest of an image's captions go on in the
+    next batch); rows past the captions are masked padding. group: each image's features once per batch, with
+    an index from caption to image row; else one features row per caption (the per-caption layout)."""
+    pending: list[tuple[np.ndarray, str]] = []
+    for _ in range(count):
+        while len(pending) < batch:
+            item = next(images, None)
+            if item is None:
+                break
+            pending.extend((item[0], caption) for caption in item[1])
+        chosen, pending = pending[:batch], pending[batch:]
+        rows: list[np.ndarray] = []
+        index = np.zeros(batch, np.int32)
+        for i, (image, _) in enumerate(chosen):
+            if not group or not rows or rows[-1] is not image:
+                rows.append(image)
+            index[i] = len(rows) - 1
+        if not group:
+            index = np.arange(batch, dtype=np.int32)
+        height = image_bucket(max(len(rows), 1), batch) if group else batch  # >= 1 row: padding gathers row 0
+        features = np.zeros((height, 49, channels), np.float16)
+        for i, image in enumerate(rows):
+            features[i] = image
+        captions = np.array([c for _, c in chosen] + [""] * (batch - len(chosen)), dtype=object)
+        yield features, captions, index, np.arange(batch) < len(chosen)
+
+
 class StreamingInput:
     """tf.data input for one split: call with a tf.distribute.InputContext (distribute_datasets_from_function).
 
     global_batch pairs make one step across all replicas; each pipeline (worker) reads split_shards' share.
+    group: batches hold whole images (shuffled by image, each image's features once per batch); else pairs are
+    shuffled and each caption carries its own copy of its image (the tutorial's layout). trim: tokens padded to
+    the batch's token_bucket, not to max_length.
     """
 
     def __init__(self, features: FeatureSet, tokenizer: Tokenizer, global_batch: int, pipelines: int,
-                 train: bool, seed: int = 0, buffer: int = 2048) -> None:
+                 train: bool, seed: int = 0, buffer: int = 2048, group: bool = True, trim: bool = True) -> None:
         if global_batch % pipelines:
             raise CaptioningError("--batch-size", f"the global batch {global_batch} does not split evenly over "
                                   f"{pipelines} workers")
@@ -73,6 +123,7 @@ class StreamingInput:
                                   "make the features with a smaller --shard-size")
         self.features, self.tokenizer, self.global_batch = features, tokenizer, global_batch
         self.pipelines, self.train, self.seed, self.buffer = pipelines, train, seed, buffer
+        self.group, self.trim = group, trim
         self.parts = split_shards(features.shards, pipelines)
         self.pairs = [sum(s.pairs for s in part) for part in self.parts]
         self.steps = steps_per_epoch(self.pairs, global_batch // pipelines, train)
@@ -84,56 +135,60 @@ class StreamingInput:
         per_replica = context.get_per_replica_batch_size(self.global_batch)
         return self.dataset(context.input_pipeline_id, per_replica, self.steps * replicas)
 
-    def pairs_of(self, pipeline: int, epoch: int) -> Iterator[Pair]:
-        """Every pair of this pipeline's shards, shard order shuffled per epoch, mixed in the buffer."""
+    def images_of(self, pipeline: int, epoch: int) -> Iterator[tuple[np.ndarray, list[str]]]:
+        """Every image of this pipeline's shards with its captions; in training the shard order is shuffled per
+        epoch and images (grouped) or pairs (not grouped) mixed in the shuffle buffer."""
         order = list(self.parts[pipeline])
         rng = np.random.default_rng([self.seed, epoch, pipeline])
         if self.train:
             rng.shuffle(order)
 
-        def in_order() -> Iterator[Pair]:
+        def in_order() -> Iterator[tuple[np.ndarray, list[str]]]:
             for shard in order:
                 features, records = self.features.features(shard.name), self.features.records(shard.name)
                 for record in records:
                     if record["offset"] is None:
                         continue
                     image = np.array(features[record["offset"]])  # a copy: the shard is released after its rows
-                    for caption in record["captions"]:
-                        yield image, caption
+                    if self.group:
+                        yield image, list(record["captions"])
+                    else:
+                        yield from ((image, [caption]) for caption in record["captions"])
 
-        return shuffled(in_order(), self.buffer, rng) if self.train else in_order()
+        return iter(shuffled(in_order(), self.buffer, rng)) if self.train else in_order()
 
-    def batches(self, pipeline: int, batch: int, count: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """Epoch after epoch, exactly `count` batches of (features, captions, real) each; rows past the pairs are
-        masked padding. Endless: one iterator serves the whole run (a new one per epoch costs a retrace)."""
-        channels = self.features.channels
+    def pairs_of(self, pipeline: int, epoch: int) -> Iterator[Pair]:
+        """Every pair of this pipeline's shards in the order batches take them."""
+        for image, captions in self.images_of(pipeline, epoch):
+            for caption in captions:
+                yield image, caption
+
+    def batches(self, pipeline: int, batch: int, count: int) -> Iterator[Batch]:
+        """Epoch after epoch, exactly `count` batches (see pack); endless: one iterator serves the whole run (a new
+        one per epoch costs a retrace)."""
         while True:
             epoch = self.epoch
             self.epoch += 1
-            pairs = self.pairs_of(pipeline, epoch)
-            for _ in range(count):
-                chosen = [pair for _, pair in zip(range(batch), pairs)]
-                features = np.zeros((batch, 49, channels), np.float16)
-                captions = [""] * batch
-                for i, (image, caption) in enumerate(chosen):
-                    features[i], captions[i] = image, caption
-                yield features, np.array(captions, dtype=object), np.arange(batch) < len(chosen)
+            yield from pack(self.images_of(pipeline, epoch), batch, count, self.features.channels, self.group)
 
     def dataset(self, pipeline: int, batch: int, count: int) -> tf.data.Dataset:
-        """The batches as an endless tf.data pipeline of ((features, input tokens), labels), labels 0 on padding;
-        `count` of them make one epoch."""
-        channels, tokenizer = self.features.channels, self.tokenizer
+        """The batches as an endless tf.data pipeline of ((features, input tokens, image index), labels), labels 0
+        on padding; `count` of them make one epoch."""
+        channels, tokenizer, trim = self.features.channels, self.tokenizer, self.trim
         data = tf.data.Dataset.from_generator(
             lambda: self.batches(pipeline, batch, count),
-            output_signature=(tf.TensorSpec([batch, 49, channels], tf.float16), tf.TensorSpec([batch], tf.string),
-                              tf.TensorSpec([batch], tf.bool)),
+            output_signature=(tf.TensorSpec([None, 49, channels], tf.float16), tf.TensorSpec([batch], tf.string),
+                              tf.TensorSpec([batch], tf.int32), tf.TensorSpec([batch], tf.bool)),
         )
 
         @tf.autograph.experimental.do_not_convert  # no control flow; AutoGraph trips on the sibling generator
-        def to_model_inputs(features: tf.Tensor, captions: tf.Tensor, real: tf.Tensor):
-            tokens = tokenizer.encode(captions)
+        def to_model_inputs(features: tf.Tensor, captions: tf.Tensor, index: tf.Tensor, real: tf.Tensor):
+            tokens = tokenizer.encode(captions)  # (B, max_length)
+            if trim:
+                longest = tf.reduce_max(tf.reduce_sum(tf.cast(tokens != 0, tf.int32), axis=1))
+                tokens = tokens[:, : token_bucket(longest, tokenizer.max_length) + 1]
             labels = tokens[:, 1:] * tf.cast(real[:, tf.newaxis], tokens.dtype)  # padding rows: all masked
-            return (tf.cast(features, tf.float32), tokens[:, :-1]), labels
+            return (tf.cast(features, tf.float32), tokens[:, :-1], index), labels
 
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF

@@ -110,3 +110,16 @@ def test_the_step_is_traced_once_per_bucket_not_once_per_batch(feature_sets, xla
     assert len(set(shapes)) >= 2
     assert sorted(trainer.traces["train"]) == sorted(set(shapes))  # each shape traced once, however often seen
     assert trainer.xla == (xla == "on")
+
+
+def test_the_input_is_declared_endless_so_a_distributed_iterator_skips_its_partial_batch_check(feature_sets):
+    import tensorflow as tf
+
+    train = FeatureSet(feature_sets["train"])
+    tok = Tokenizer.build(train.captions(), 100, 20)
+    stream = StreamingInput(train, tok, 32, 1, True, seed=3, buffer=64)
+    data = stream.dataset(0, 32, stream.steps)
+    # Batches vary in shape, so without this every step would pay for a check and a cross-replica reduce.
+    assert data.cardinality() == tf.data.INFINITE_CARDINALITY
+    assert data.element_spec[0][1].shape.as_list() == [32, None]
+    assert len(list(data.take(3 * stream.steps))) == 3 * stream.steps  # and it is: epoch after epoch

@@ -238,7 +238,11 @@ def fit(prepared: Prepared, config: TrainConfig, checkpoint: Path, out: Path | N
     steps = min(train_input.steps, config.steps_per_epoch or train_input.steps)
     if writer:
         log(f"global batch {config.batch_size} ({config.batch_size // pipelines} per worker x {pipelines}), "
-            f"learning rate {config.learning_rate:g}, {steps} steps per epoch")
+            f"learning rate {config.learning_rate:g}, {steps} steps per epoch; "
+            + ("batches of whole images" if config.group_by_image else "one image row per caption")
+            + (", tokens padded to the batch's longest caption (buckets of 8)" if config.padding == "bucket"
+               else f", tokens padded to --max-length ({tokenizer.max_length})")
+            + f", XLA {'on' if trainer.xla else 'off'}")
 
     hooks: list[Hook] = [early]
     if config.sample_every_epoch and writer:

@@ -32,7 +32,8 @@ class Host:
         self.address, self.answer, self.robots = address, answer, robots
         self.robots_status: int | None = None
         self.lock = threading.Lock()
-        self.active = self.most_active = 0
+        self.active = self.most_active = 0  # requests being answered (see done() below)
+        self.in_hand = 0  # handler threads still running, whatever the client has seen
         self.requests: list[tuple[float, str]] = []  # (monotonic time, path), robots.txt included
         self.closed_before_body: list[str] = []
         self.hits: dict[str, int] = {}
@@ -52,7 +53,19 @@ class Host:
                     host.requests.append((time.monotonic(), path))
                     host.hits[path] = n = host.hits.get(path, 0) + 1
                     host.active += 1
+                    host.in_hand += 1
                     host.most_active = max(host.most_active, host.active)
+                ended = False
+
+                def done() -> None:
+                    # Counted from arrival to just before the response's last byte: inside the client's own hold
+                    # on its slot, so a count above the limit is the client's doing, never this thread's lag.
+                    nonlocal ended
+                    with host.lock:
+                        if not ended:
+                            host.active -= 1
+                            ended = True
+
                 try:
                     if path == "/robots.txt":
                         body = (host.robots or "").encode()
@@ -61,17 +74,20 @@ class Host:
                     else:
                         reply = host.answer(path, n)
                     time.sleep(reply.hold)
-                    self._send(path, reply)
+                    self._send(path, reply, done)
                 finally:
+                    done()
                     with host.lock:
-                        host.active -= 1
+                        host.in_hand -= 1
 
-            def _send(self, path: str, reply: Answer) -> None:
+            def _send(self, path: str, reply: Answer, done: Callable[[], None]) -> None:
                 try:
                     self.send_response(reply.status)
                     for key, value in reply.headers.items():
                         self.send_header(key, value)
                     self.send_header("Content-Length", str(len(reply.body)))
+                    if not reply.body or reply.wait_before_body:
+                        done()  # the headers may be all the client wants: it can let go once they leave
                     self.end_headers()
                     self.wfile.flush()
                     if reply.wait_before_body:
@@ -82,6 +98,7 @@ class Host:
                                 host.closed_before_body.append(path)
                             self.close_connection = True
                             return
+                    done()  # the client lets go of its slot on the last byte, maybe before this thread runs again
                     self.wfile.write(reply.body)
                 except (BrokenPipeError, ConnectionResetError):
                     self.close_connection = True
@@ -110,10 +127,10 @@ class Host:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self.lock:
-                if self.active == 0:
+                if self.in_hand == 0:
                     return
             time.sleep(0.01)
-        raise TimeoutError(f"{self.address}: {self.active} requests still in hand after {timeout} s")
+        raise TimeoutError(f"{self.address}: {self.in_hand} requests still in hand after {timeout} s")
 
     def close(self) -> None:
         """Stop serving."""

@@ -53,6 +53,9 @@ class HostGate(Protocol):
     def after_attempt(self, host: str, status: int | None, kind: str, retry_after: float | None) -> None:
         """What an attempt got: an HTTP status, or the kind of failure (dns, refused, tls, timeout, reset)."""
 
+    def allowed(self, url: str, fetcher: "Fetcher") -> None:
+        """Raise FetchError unless the URL's robots.txt lets this tool fetch it (asked again of each redirect)."""
+
 
 @dataclass(frozen=True)
 class Fetched:
@@ -182,6 +185,18 @@ class _Watch:
         """A new attempt starts reading on this connection: the rate is measured per attempt."""
         self.connection, self.attempt_started, self.received = connection, time.monotonic(), 0
 
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Neither the deadline nor the rate runs while this request waits its turn at a redirect's host."""
+        connection, self.connection = self.connection, None
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.deadline += time.monotonic() - start
+            if self.connection is None:
+                self.connection = connection
+
     def check(self, now: float) -> None:
         """Shut the socket down if the deadline passed or the transfer is too slow; the reader then fails."""
         if self.expired or self.connection is None:
@@ -253,6 +268,44 @@ class _WatchedHTTPSConnection(_Watched, HTTPSConnection):
     pass
 
 
+class _Slot:
+    """The gate's slot for one fetch, held on whichever host the fetch is at: a redirect gives the last host's slot
+    back before it waits for the next one's (never two at once, so that redirects between hosts cannot deadlock)."""
+
+    def __init__(self, gate: HostGate | None) -> None:
+        self.gate = gate
+        self.stack = contextlib.ExitStack()
+
+    def __enter__(self) -> "_Slot":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stack.close()
+
+    def move(self, url: str) -> None:
+        """Hold url's host's slot (none without a gate, or for a URL without a host: the fetch names it)."""
+        self.stack.close()
+        if self.gate is None:
+            return
+        try:
+            host = (urlsplit(url).hostname or "").lower()
+        except ValueError:
+            return
+        if host:
+            self.stack.enter_context(self.gate.permit(url, host))
+
+    def hop(self, url: str, fetcher: "Fetcher", robots: bool) -> None:
+        """A redirect to url: its robots.txt asked (a hop is a new URL to the host), then its host's slot."""
+        if self.gate is None:
+            return
+        self.stack.close()
+        watch: _Watch | None = getattr(_current, "watch", None)
+        with watch.paused() if watch is not None else contextlib.nullcontext():
+            if robots:
+                self.gate.allowed(url, fetcher)
+            self.move(url)
+
+
 class Fetcher:
     """Thread-safe fetcher; each resolved address is checked, then that same address is connected to."""
 
@@ -270,23 +323,15 @@ class Fetcher:
         max_bytes: the body's cap (over it: too_large, or with truncate its first max_bytes); opt_outs: whether a
         response's opt-out headers stop it (not for robots.txt, which is itself the host's word)."""
         start = time.monotonic()
-        with self._permit(url), self._watching(url, self.config.deadline):
-            final, response = self._open(url, opt_outs)
-            try:
-                data = b"".join(self._stream(url, response, max_bytes or self.config.max_bytes, truncate))
-            finally:
-                response.release_conn()
+        with _Slot(self.gate) as slot:
+            slot.move(url)
+            with self._watching(url, self.config.deadline):
+                final, response = self._open(url, opt_outs, slot)
+                try:
+                    data = b"".join(self._stream(url, response, max_bytes or self.config.max_bytes, truncate))
+                finally:
+                    response.release_conn()
         return Fetched(final, data, response.headers.get("Content-Type", ""), time.monotonic() - start)
-
-    def _permit(self, url: str) -> "contextlib.AbstractContextManager[None]":
-        """The gate's slot for url's host, held for the whole fetch (no gate: none needed)."""
-        if self.gate is None:
-            return contextlib.nullcontext()
-        try:
-            host = (urlsplit(url).hostname or "").lower()
-        except ValueError:
-            return contextlib.nullcontext()  # _get_once names the malformed URL
-        return self.gate.permit(url, host) if host else contextlib.nullcontext()
 
     def download(self, url: str, path: Path, max_bytes: int, max_lines: int | None = None,
                  deadline: float | None = None) -> Path:
@@ -317,6 +362,7 @@ class Fetcher:
     def _watching(self, url: str, deadline: float) -> Iterator[_Watch]:
         """Enforce the total deadline and minimum rate of one request (with its retries and redirects)."""
         watch = _Watch(deadline, self.config.min_rate, self.config.min_rate_after)
+        outer = getattr(_current, "watch", None)  # a redirect's robots.txt is fetched inside its image's fetch
         _current.watch = watch
         _WATCHDOG.add(watch)
         try:
@@ -328,21 +374,26 @@ class Fetcher:
             raise
         finally:
             _WATCHDOG.remove(watch)
-            _current.watch = None
+            _current.watch = outer
 
-    def _open(self, url: str, opt_outs: bool = True) -> tuple[str, urllib3.BaseHTTPResponse]:
-        """Follow redirects (each hop re-checked by the guard) to a 200 response, body not yet read."""
+    def _open(self, url: str, opt_outs: bool = True,
+              slot: "_Slot | None" = None) -> tuple[str, urllib3.BaseHTTPResponse]:
+        """Follow redirects (each hop re-checked by the guard, and with a gate by its host's robots.txt and limits)
+        to a 200 response, body not yet read."""
         try:
-            return self._follow(url, opt_outs)
+            return self._follow(url, opt_outs, slot)
         except FetchError as err:
             if err.source == redact(url):
                 raise
             # Name the URL the caller asked for; say where along the redirects it failed.
-            raise fetch_error(url, f"{err.message} (at {err.source})", err.reason) from None
+            raise fetch_error(url, f"{err.message} (at {err.source})", err.reason, failure_kind(err)) from None
 
-    def _follow(self, url: str, opt_outs: bool = True) -> tuple[str, urllib3.BaseHTTPResponse]:
+    def _follow(self, url: str, opt_outs: bool = True,
+                slot: "_Slot | None" = None) -> tuple[str, urllib3.BaseHTTPResponse]:
         seen = []
         for _ in range(self.config.max_redirects + 1):
+            if seen and slot is not None:
+                slot.hop(url, self, robots=opt_outs)
             seen.append(url)
             response = self._get_once(url)
             if response.status in (301, 302, 303, 307, 308) and response.headers.get("Location"):

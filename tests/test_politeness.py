@@ -189,6 +189,41 @@ def test_no_host_ever_sees_more_than_the_per_host_concurrency_however_many_tasks
     assert sum(figures.get("robots_fetched", 0) for _, figures in results) == 3
 
 
+def test_a_redirect_takes_its_targets_robots_txt_and_limit_across_every_host_that_sends_to_it(hosts):
+    first, cdn, second = hosts  # every image of two hosts redirects to one cdn, which keeps /cdn/private/
+    image = jpeg()
+    for front in (first, second):
+        front.answer = lambda path, n: Answer(302, headers={"Location": cdn.url(path.replace("/img/", "/cdn/"))},
+                                              hold=0.02)
+        front.robots = "User-agent: *\nAllow: /\n"
+    cdn.answer = lambda path, n: Answer(200, image, {"Content-Type": "image/jpeg"}, hold=0.05)
+    cdn.robots = "User-agent: *\nDisallow: /cdn/private/\n"
+    rules = PolitenessConfig(per_host_concurrency=2)
+    link = LocalLink(rules)
+    urls = {k: [front.url(f"/img/{k}-{j}-{i}.jpg") for j in range(8) for i, front in enumerate((first, second))]
+            + [first.url(f"/img/private/{k}.jpg")] for k in range(3)}
+    results = tasks_at_once(3, lambda k: fetch_all(rules, link, urls[k]))
+    outcomes = {url: status for result, _ in results for url, status in result.items()}
+    assert {s for u, s in outcomes.items() if "/private/" not in u} == {"ok"}
+    assert {s for u, s in outcomes.items() if "/private/" in u} == {"robots_disallowed"}
+    # Two hosts' slots (2 each) in front of it, yet the cdn never saw more than its own limit.
+    assert cdn.most_active == 2 and first.most_active <= 2 and second.most_active <= 2
+    assert cdn.hits["/robots.txt"] == 1 and first.hits["/robots.txt"] == 1  # the target's, once for the job
+    assert not [p for _, p in cdn.requests if "/private/" in p] and len(cdn.times("/cdn/")) == 48
+
+
+def test_waiting_for_a_redirect_targets_slot_does_not_count_against_the_requests_deadline(hosts):
+    front, cdn, _ = hosts
+    image = jpeg()
+    front.answer = lambda path, n: Answer(302, headers={"Location": cdn.url(path)})
+    cdn.answer = lambda path, n: Answer(200, image, {"Content-Type": "image/jpeg"}, hold=0.3)
+    rules = PolitenessConfig(per_host_concurrency=1, ignore_robots_txt=True)
+    # Six requests in turn at the cdn take 1.8 s; each one's own transfer is well inside its 1 s deadline.
+    result, _ = fetch_all(rules, LocalLink(rules), [front.url(f"/img/{j}.jpg") for j in range(6)], threads=6,
+                          fetch=replace(LOOPBACK, deadline=1.0))
+    assert set(result.values()) == {"ok"} and cdn.most_active == 1
+
+
 def test_a_per_host_rate_spaces_every_tasks_requests(hosts):
     rules = PolitenessConfig(per_host_concurrency=4, per_host_rate=20.0, ignore_robots_txt=True)
     link = LocalLink(rules)

@@ -5,17 +5,18 @@ robots.txt once per job (whichever task the ledger picks), and tells the ledger 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import threading
 import time
 import uuid
 import zlib
 from collections import Counter, deque
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from captioning.config import PolitenessConfig
-from captioning.errors import FetchError
+from captioning.errors import CaptioningError, FetchError
 from captioning.fetch import Fetcher, failure_kind, fetch_error
 from captioning.hosts.ledger import FAILURE_KINDS, HostLedger, HostView, JobView
 
@@ -27,6 +28,7 @@ IDLE_GRACE = 0.25  # seconds a task keeps an idle host's slots (its next row of 
 WATCH_SECONDS = 1.0  # one long-poll per ledger shard at most this long: also the task's heartbeat
 
 Views = list[tuple[dict[str, HostView], JobView | None]]
+T = TypeVar("T")
 
 
 class Link(Protocol):
@@ -482,3 +484,37 @@ class Politeness:
         except Exception as err:  # noqa: BLE001  (the ledger frees a silent task's slots after TASK_TIMEOUT)
             log.warning("host ledger unreachable on leaving (%s)", type(err).__name__)
         return dict(self.figures)
+
+
+def in_turns(items: list[T], url_of: Callable[[T], str]) -> list[T]:
+    """Items in turns over their URLs' hosts (the first of each host, then the second, ...): threads waiting for
+    one busy host's slots are the fewest, and each host's requests spread over the work's time."""
+    hosts: dict[str, list[T]] = {}
+    for item in items:
+        try:
+            host = urlsplit(url_of(item).strip()).hostname or ""
+        except ValueError:
+            host = ""
+        hosts.setdefault(host.lower(), []).append(item)
+    return [item for turn in itertools.zip_longest(*hosts.values()) for item in turn if item is not None]
+
+
+def through_pauses(gate: "Politeness | None", attempt: Callable[[], T]) -> T:
+    """attempt() once, and again after each pause the job takes for a systemic failure it was caught in; a row
+    still failing our side after the last pause raises with reason systemic_failure (transient), its kind kept."""
+    rounds = 1 if gate is None else gate.rules.systemic_retries + 2
+    for _ in range(rounds):
+        try:
+            return attempt()
+        except CaptioningError as err:
+            kind = failure_kind(err)
+            verdict = gate.systemic(kind) if gate is not None else ""
+            if verdict == "retry":  # our side failed, not the host: wait out the job's pause, then again
+                gate.wait_pause()
+                last = err
+                continue
+            if verdict == "give_up" or (verdict and kind == "paused"):
+                err.reason = "systemic_failure"
+            raise
+    last.reason = "systemic_failure"  # still failing our side after every pause
+    raise last

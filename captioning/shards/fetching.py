@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import itertools
 import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
 import pyarrow as pa
@@ -18,7 +16,7 @@ import pyarrow.compute as pc
 
 from captioning.errors import CaptioningError, FetchError, internal_error, redact
 from captioning.fetch import TRANSIENT_REASONS, Fetcher, failure_kind, is_url
-from captioning.hosts.gate import SYSTEMIC_KINDS, Link, Politeness
+from captioning.hosts.gate import SYSTEMIC_KINDS, Link, Politeness, in_turns, through_pauses
 from captioning.images import DecodeBudget, decode_with_size, encode_jpeg, read_source
 from captioning.manifest import SCHEME
 from captioning.shards.payloads import FetchedRow, FetchedShard, PlannedRow, ShardInput
@@ -90,41 +88,28 @@ class RowLoader:
             return out, None, ""
         start, cpu = time.perf_counter(), time.thread_time()
         source, data = "", None
-        for _ in range(self._rounds()):
-            out.status, out.error = "ok", None
-            try:
-                source = admit(row.url, row.source, self.config)
-                if self.gate is not None and is_url(source):
-                    self.gate.allowed(source, self.fetcher)
-                data = read_source(source, self.fetcher, self.storage, max_bytes=self.config.fetch.max_bytes)
-                out.sha256 = hashlib.sha256(data).hexdigest()
-                self.kinds.pop(row.row, None)
-                break
-            except CaptioningError as err:
-                out.status, out.error = err.reason, str(err)
-                kind = self.kinds[row.row] = failure_kind(err)
-                verdict = self.gate.systemic(kind) if self.gate is not None else ""
-                if verdict == "retry":  # our side failed, not the host: wait out the job's pause, then again
-                    self.gate.wait_pause()
-                    continue
-                if verdict == "give_up" or (verdict and kind == "paused"):
-                    out.status = "systemic_failure"
-                break
-            except Exception as err:  # noqa: BLE001  (one row's surprise must never fail the shard)
-                out.status, out.error = "internal_error", internal_error(err, row.url or "")
-                break
-        else:
-            out.status = "systemic_failure"  # still failing our side after every pause: transient
+
+        def attempt() -> tuple[str, bytes]:
+            source = admit(row.url, row.source, self.config)
+            if self.gate is not None and is_url(source):
+                self.gate.allowed(source, self.fetcher)
+            return source, read_source(source, self.fetcher, self.storage, max_bytes=self.config.fetch.max_bytes)
+
+        try:
+            source, data = through_pauses(self.gate, attempt)
+            out.status, out.error, out.sha256 = "ok", None, hashlib.sha256(data).hexdigest()
+            self.kinds.pop(row.row, None)
+        except CaptioningError as err:
+            out.status, out.error = err.reason, str(err)
+            self.kinds[row.row] = failure_kind(err)
+        except Exception as err:  # noqa: BLE001  (one row's surprise must never fail the shard)
+            out.status, out.error = "internal_error", internal_error(err, row.url or "")
         if data is not None:
             with self._lock:
                 self.fetched_bytes += len(data)
         out.fetch_seconds = time.perf_counter() - start
         self._spent("fetch_cpu", cpu)
         return out, data, source
-
-    def _rounds(self) -> int:
-        """Tries per row: one, and one more per systemic pause the job may take."""
-        return 1 if self.gate is None else self.config.politeness.systemic_retries + 2
 
     def decode(self, out: FetchedRow, data: bytes | None, source: str) -> tuple[FetchedRow, np.ndarray | None]:
         """The fetched row decoded to the model's input, or its failure as its status."""
@@ -184,17 +169,8 @@ def same_bytes_once(loaded: list[tuple[FetchedRow, np.ndarray | None]]) -> list[
 
 
 def by_host(rows: list[PlannedRow]) -> list[PlannedRow]:
-    """Rows in turns over their hosts (the first row of each host, then the second, ...): threads waiting for
-    one busy host's slots are the fewest, and each host's requests spread over the shard's time."""
-    hosts: dict[str, list[PlannedRow]] = {}
-    for row in rows:
-        try:
-            host = (urlsplit((row.url or "").strip()).hostname or "") if row.url else ""
-        except ValueError:
-            host = ""
-        hosts.setdefault(host, []).append(row)
-    turns = [turn for turns in itertools.zip_longest(*hosts.values()) for turn in turns if turn is not None]
-    return turns
+    """A shard's rows in turns over their hosts."""
+    return in_turns(rows, lambda row: row.url or "")
 
 
 def polite_gate(config: ShardedJob, rows: list[PlannedRow], link: Link | None) -> Politeness | None:

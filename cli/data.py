@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.options import fetch_config, log, network_options, non_negative_int, positive, result
+from captioning.config import PolitenessConfig
+from jobs.options import (config_options, fetch_config, log, network_options, non_negative_int, politeness_config,
+                          positive, result)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -29,6 +31,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     cc.add_argument("--workers", type=positive, default=32, help="concurrent downloads")
     cc.add_argument("--base-url", default=None, help="mirror of the gcc-data bucket")
     network_options(cc, s3=False)
+    config_options(cc, PolitenessConfig)
     cc.set_defaults(handler=run_conceptual_captions)
 
 
@@ -55,5 +58,5 @@ def run_conceptual_captions(args: argparse.Namespace) -> int:
     from captioning.datasets import conceptual_captions as cc  # noqa: PLC0415
 
     cc.download(args.out, args.split, args.limit, args.base_url or cc.DEFAULT_BASE_URL, fetch_config(args),
-                workers=args.workers, log=log)
+                workers=args.workers, log=log, politeness=politeness_config(args))
     return 0

@@ -288,7 +288,12 @@ def sharded_config(args: argparse.Namespace, config: type) -> dict[str, Any]:
     """The fields of a sharded job's config: its options', the manifest's, the image limits, network and storage."""
     return {**config_values(args, config), "spec": manifest_spec(args), "image": bulk_image(args.max_pixels),
             "fetch": fetch_config(args), "storage": storage_config(args),
-            "politeness": PolitenessConfig(**config_values(args, PolitenessConfig))}
+            "politeness": politeness_config(args)}
+
+
+def politeness_config(args: argparse.Namespace) -> PolitenessConfig:
+    """The PolitenessConfig of a command's politeness options."""
+    return PolitenessConfig(**config_values(args, PolitenessConfig))
 
 
 # The Ray jobs' option sets -----------------------------------------------------------------------------------

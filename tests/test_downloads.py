@@ -143,3 +143,34 @@ def test_conceptual_captions_survives_malformed_urls_and_surprises(http_server, 
     statuses = {json.loads(l)["caption"]: json.loads(l)["status"] for l in failures.read_text().splitlines()}
     assert statuses == {"bad ipv6": "bad_url", "empty label": "bad_url", "long label": "bad_url",
                         "bad hop": "bad_url", "surprise": "internal_error"}
+
+
+def test_conceptual_captions_is_polite_per_host_and_honours_robots_txt(tmp_path):
+    from captioning.config import PolitenessConfig
+    from tests.hosts import Answer, Host
+
+    image = jpeg((0, 90, 0))
+    busy, other = (Host(f"127.0.0.{i}", lambda path, n: Answer(200, image, {"Content-Type": "image/jpeg"},
+                                                               hold=0.05), robots="User-agent: *\nDisallow: /private/\n")
+                   for i in (6, 7))
+    try:
+        # Most rows on one host, as in the real TSV; eight download threads, two requests to a host at once.
+        urls = [busy.url(f"/img/{i}.jpg") for i in range(24)] + [busy.url("/private/0.jpg")]
+        urls += [other.url(f"/img/{i}.jpg") for i in range(4)]
+        (tmp_path / "validation.tsv").write_text("".join(f"caption {i}\t{u}\n" for i, u in enumerate(urls)))
+        logs: list[str] = []
+        manifest, failures = conceptual_captions.download(
+            tmp_path, "validation", None, "http://unused.invalid", FetchConfig(allowed_networks=("127.0.0.0/8",)),
+            workers=8, log=logs.append, politeness=PolitenessConfig(per_host_concurrency=2))
+        for host in (busy, other):
+            host.settle()
+        ok = [json.loads(line)["url"] for line in manifest.read_text().splitlines()]
+        assert ok == [u for u in urls if "/private/" not in u]  # the TSV's order, whatever the fetch order
+        assert [json.loads(line)["status"] for line in failures.read_text().splitlines()] == ["robots_disallowed"]
+        assert busy.most_active == 2 and other.most_active <= 2
+        assert busy.hits["/robots.txt"] == other.hits["/robots.txt"] == 1
+        assert not busy.times("/private/")
+        assert "robots disallowed 1" in logs[-1] and "robots fetched 2" in logs[-1]
+    finally:
+        busy.close()
+        other.close()

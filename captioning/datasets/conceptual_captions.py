@@ -11,11 +11,12 @@ from typing import Callable
 
 from captioning import console
 from captioning.atomic import atomic_path, atomic_write
-from captioning.config import FetchConfig, ImageConfig
+from captioning.config import FetchConfig, ImageConfig, PolitenessConfig
 from captioning.errors import CaptioningError, internal_error
 from captioning.fetch import Fetcher
+from captioning.hosts.gate import LocalLink, Politeness, in_turns, through_pauses
 from captioning.images import open_image
-from captioning.manifest import ManifestSpec, read_manifest
+from captioning.manifest import Example, Manifest, ManifestSpec, read_manifest
 
 DEFAULT_BASE_URL = "https://storage.googleapis.com/gcc-data"
 SPLITS = {"train": "Train/GCC-training.tsv", "validation": "Validation/GCC-1.1.0-Validation.tsv"}
@@ -31,23 +32,35 @@ def image_name(url: str) -> str:
 def download(
     out: str | Path, split: str = "validation", limit: int | None = None, base_url: str = DEFAULT_BASE_URL,
     fetch: FetchConfig | None = None, image: ImageConfig | None = None, workers: int = 32,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = print, politeness: PolitenessConfig | None = None,
 ) -> tuple[Path, Path]:
-    """Write <split>.jsonl (one row per image fetched) and <split>-failures.jsonl (url, reason per failure)."""
+    """Write <split>.jsonl (one row per image fetched) and <split>-failures.jsonl (url, reason per failure).
+
+    politeness: what the image hosts are owed, as in a bulk job (default: its defaults; robots.txt, per-host
+    limits, Retry-After, the breaker and systemic pauses)."""
     if split not in SPLITS:
         raise CaptioningError(split, f"unknown split; choose one of {', '.join(SPLITS)}")
     out = Path(out)
     folder = out / "images" / split
     folder.mkdir(parents=True, exist_ok=True)
-    fetcher = Fetcher(fetch or FetchConfig())
+    fetch = fetch or FetchConfig()
+    rules = politeness or PolitenessConfig()
     image = image or ImageConfig()
     tsv = out / f"{split}.tsv" if limit is None else out / f"{split}-first{limit}.tsv"
     if not tsv.exists():
         url = f"{base_url.rstrip('/')}/{SPLITS[split]}"
         log(f"downloading {url}" + (f" (first {limit} rows)" if limit else ""))
-        fetcher.download(url, tsv, MAX_TSV_BYTES, max_lines=limit)
+        Fetcher(fetch).download(url, tsv, MAX_TSV_BYTES, max_lines=limit)  # the data set's own file: no gate
     manifest = read_manifest(tsv, ManifestSpec(format="cc-tsv"))
     rows = manifest.examples[:limit] if limit else manifest.examples
+
+    gate = Politeness(rules, LocalLink(rules), fetch.user_agent) if rules.active else None
+    fetcher = Fetcher(fetch, gate)
+
+    def get(url: str) -> bytes:
+        if gate is not None:
+            gate.allowed(url, fetcher)
+        return fetcher.get(url).data
 
     def fetch_one(row) -> dict:  # noqa: ANN001
         stem = image_name(row.image)
@@ -55,7 +68,7 @@ def download(
             if (folder / f"{stem}{ext}").exists():
                 return {"image": f"images/{split}/{stem}{ext}", "status": "ok", "cached": True}
         try:
-            data = fetcher.get(row.image).data
+            data = through_pauses(gate, lambda: get(row.image))
             decoded = open_image(data, row.image, image)
         except CaptioningError as err:
             return {"status": err.reason, "error": err.message}
@@ -67,6 +80,19 @@ def download(
 
     manifest_path, failures_path = out / f"{split}.jsonl", out / f"{split}-failures.jsonl"
     counts = {"ok": 0, "failed": 0, "cached": 0}
+    try:
+        _write(manifest, rows, fetch_one, manifest_path, failures_path, counts, split, workers)
+    finally:
+        figures = gate.close() if gate is not None else {}
+    hosts = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(figures.items()) if v)
+    log(f"{split}: {counts['ok']} images ({counts['cached']} already there), {counts['failed']} failures "
+        f"listed in {failures_path}" + (f"; hosts: {hosts}" if hosts else ""))
+    return manifest_path, failures_path
+
+
+def _write(manifest: Manifest, rows: list[Example], fetch_one: Callable[[Example], dict],
+           manifest_path: Path, failures_path: Path, counts: dict[str, int], split: str, workers: int) -> None:
+    """Fetch rows chunk by chunk (each in turns over its hosts) and write both files in the TSV's order."""
     with atomic_path(manifest_path) as good_tmp, atomic_path(failures_path) as bad_tmp, \
             open(good_tmp, "w") as good, open(bad_tmp, "w") as bad, ThreadPoolExecutor(workers) as pool:
         for err in manifest.errors:
@@ -76,7 +102,12 @@ def download(
         chunk = workers * 16  # bounded in-flight work: the TSV may hold millions of rows
         for start in range(0, len(rows), chunk):
             batch = rows[start : start + chunk]
-            for row, result in zip(batch, pool.map(fetch_one, batch)):
+            turns = in_turns(batch, lambda row: row.image)
+            results = {}
+            for row, result in zip(turns, pool.map(fetch_one, turns)):
+                results[id(row)] = result
+                bar.update(1)
+            for row, result in ((row, results[id(row)]) for row in batch):
                 caption = row.captions[0] if row.captions else ""
                 if result["status"] == "ok":
                     good.write(json.dumps({"image": result["image"], "caption": caption, "url": row.image}) + "\n")
@@ -86,9 +117,5 @@ def download(
                     bad.write(json.dumps({"row": row.row, "url": row.image, "caption": caption,
                                           "status": result["status"], "error": result["error"]}) + "\n")
                     counts["failed"] += 1
-                bar.update(1)
-                bar.set_postfix(ok=counts["ok"], failed=counts["failed"])
+            bar.set_postfix(ok=counts["ok"], failed=counts["failed"])
         bar.close()
-    log(f"{split}: {counts['ok']} images ({counts['cached']} already there), {counts['failed']} failures "
-        f"listed in {failures_path}")
-    return manifest_path, failures_path
